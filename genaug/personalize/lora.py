@@ -1,0 +1,379 @@
+"""DreamBooth-LoRA, after diffusers' ``examples/dreambooth/train_dreambooth_lora.py``.
+
+peft LoRA on the UNet's attention projections (optionally the text encoder's), an instance
+prompt with a rare token and a class word, optional prior preservation with class images the
+base model draws itself. Differences from the example, for speed and reproducibility:
+
+* latents and (frozen) text embeddings are computed once and cached;
+* every random draw of step ``s`` (batch indices, noise, timesteps) comes from a generator seeded
+  by ``(seed, s)``, so a run resumed from a checkpoint continues bit-for-bit like an
+  uninterrupted one — the checkpoint needs only the LoRA weights, optimizer state and step;
+* checkpoints and the final adapter are safetensors written atomically.
+
+Output: ``pytorch_lora_weights.safetensors`` (diffusers/peft keys, loadable with
+``pipe.load_lora_weights``) plus ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..artefacts import atomic_write_json, read_adapter_config, read_dataset, read_safetensors, write_adapter
+from ..config import config_to_dict, option
+from ..errors import ConfigError, DataError, ModelError
+from ..models.loading import default_resolution, load_pipeline, pipeline_family
+from ..runs import RunRecord
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class LoraTrainConfig:
+    """Train a DreamBooth-LoRA adapter on a few images of one concept."""
+
+    model: str = option("models/tiny-sd15", "base model: a diffusers folder or a cached hub id")
+    instance_data: str = option("", "images of the concept: a genaug/imagefolder dataset or a flat folder of images")
+    instance_class: str | None = option(None, "use only this class of instance_data (by class name)")
+    instance_prompt: str = option("a photo of sks object", "prompt with the rare identifier and the class word")
+    output: str = option("adapters/lora", "adapter folder to write")
+    with_prior_preservation: bool = option(False, "add the prior-preservation loss on class images")
+    class_prompt: str = option("a photo of an object", "prompt for the class images (prior preservation)")
+    class_data: str | None = option(None, "folder of class images; drawn by the base model when missing")
+    num_class_images: int = option(50, "class images to use (generated if class_data has fewer)")
+    prior_loss_weight: float = option(1.0, "weight of the prior-preservation loss")
+    rank: int = option(4, "LoRA rank")
+    alpha: float | None = option(None, "LoRA alpha (default: equal to the rank, scale 1)")
+    train_text_encoder: bool = option(False, "also put LoRA on the text encoder's attention")
+    learning_rate: float = option(1e-4, "AdamW learning rate")
+    max_train_steps: int = option(200, "optimizer steps")
+    train_batch_size: int = option(4, "instance images per step (as many class images are added with prior preservation)")
+    resolution: int | None = option(None, "training resolution (default: the model's native size)")
+    random_flip: bool = option(True, "horizontal flips of the instance images (cached both ways)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "mixed precision (GPU)")
+    gradient_checkpointing: bool = option(False, "trade compute for memory in the UNet")
+    checkpointing_steps: int = option(0, "save a resumable checkpoint every N steps (0: never)")
+    resume: bool = option(True, "resume from the newest checkpoint in output/checkpoints if there is one")
+    validation_prompt: str | None = option(None, "prompt for validation images")
+    validation_steps: int = option(0, "draw validation images every N steps (0: only at the end if a prompt is set)")
+    num_validation_images: int = option(4, "validation images per validation")
+    kohya_export: bool = option(False, "also write the adapter with kohya-ss key names (lora_unet_*, .alpha)")
+    seed: int = option(0, "seed for initialization and every random draw")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+        if self.max_train_steps < 1 or self.train_batch_size < 1:
+            raise ValueError("max_train_steps and train_batch_size must be >= 1")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+        if min(self.checkpointing_steps, self.validation_steps, self.num_class_images) < 0:
+            raise ValueError("checkpointing_steps, validation_steps and num_class_images must be >= 0")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError("resolution must be a multiple of 8")
+
+
+@dataclass
+class LoraTrainResult:
+    output: Path
+    weights: Path
+    steps: int
+    resumed_from: int
+    final_loss: float
+    seconds: float
+    steps_per_second: float
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step)
+
+
+def _image_tensor(image, size: int) -> torch.Tensor:
+    image = image.resize((size, size), resample=3)  # bicubic, as torchvision's Resize
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return arr.permute(2, 0, 1)
+
+
+def _load_images(folder: str, class_name: str | None, size: int, where: str) -> torch.Tensor:
+    ds = read_dataset(folder)
+    indices = range(len(ds))
+    if class_name is not None:
+        if class_name not in ds.class_names:
+            raise DataError(f"class {class_name!r} not in the dataset", where=folder,
+                            fix=f"use one of {ds.class_names[:10]}")
+        label = ds.class_names.index(class_name)
+        indices = [i for i in indices if int(ds.records[i]["label"]) == label]
+    if not indices:
+        raise DataError("no images to train on", where=f"{where}={folder}")
+    return torch.stack([_image_tensor(ds.image(i), size) for i in indices])
+
+
+@torch.no_grad()
+def _encode_latents(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache the VAE posterior (mean, std) so each step samples latents without running the encoder."""
+    means, stds = [], []
+    for i in range(0, len(pixels), batch):
+        dist = vae.encode(pixels[i : i + batch].to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def _encode_prompt(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return ids
+
+
+def _ensure_class_images(cfg: LoraTrainConfig, out: Path, size: int) -> str:
+    """Class images for prior preservation: the user's, topped up by the base model's own drawings."""
+    from ..generate.synth import SynthConfig, synthesize
+
+    folder = cfg.class_data or str(out / "class_images")
+    have = len(read_dataset(folder)) if Path(folder).is_dir() and any(Path(folder).iterdir()) else 0
+    if have < cfg.num_class_images:
+        if cfg.class_data and have:
+            raise DataError(f"{have} class images, {cfg.num_class_images} asked for", where=folder,
+                            fix="add images or lower num_class_images")
+        synthesize(SynthConfig(model=cfg.model, output=folder, class_names=[cfg.class_prompt], prompt_templates=["{}"],
+                               images_per_class=cfg.num_class_images, seed=cfg.seed, resolution=size,
+                               device=cfg.device))
+    return folder
+
+
+def _checkpoint_paths(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(out: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, loss: float) -> None:
+    """LoRA weights + AdamW moments + step, in safetensors; written to a temp folder then renamed."""
+    final = out / "checkpoints" / f"step-{step:07d}"
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out / "checkpoints", prefix=".partial-"))
+    tensors = {f"param/{k}": v.detach() for k, v in params.items()}
+    for k, p in params.items():
+        state = optimizer.state.get(p, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in state:
+                tensors[f"{name}/{k}"] = state[name]
+        if "step" in state:
+            tensors[f"step/{k}"] = torch.as_tensor(state["step"]).reshape(1).float()
+    write_adapter(tmp, "state.safetensors", tensors, {"step": step, "loss": loss})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer) -> int:
+    tensors, _ = read_safetensors(path / "state.safetensors")
+    step = int(read_adapter_config(path)["step"])
+    with torch.no_grad():
+        for k, p in params.items():
+            if f"param/{k}" not in tensors:
+                raise ModelError(f"checkpoint lacks {k}", where=str(path), fix="delete the checkpoints folder")
+            p.copy_(tensors[f"param/{k}"])
+            if f"exp_avg/{k}" in tensors:
+                optimizer.state[p] = {"exp_avg": tensors[f"exp_avg/{k}"].clone(),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq/{k}"].clone(),
+                                      "step": tensors[f"step/{k}"].reshape(()).clone()}
+    return step
+
+
+def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    if not cfg.instance_data:
+        raise ConfigError("instance_data is required", fix="pass --instance-data <folder of concept images>")
+    if not Path(cfg.instance_data).exists():
+        raise DataError("instance data folder not found", where=cfg.instance_data)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    pipe = load_pipeline(cfg.model, device=str(accelerator.device) if cfg.device == "auto" else cfg.device,
+                         dtype="float32")
+    if pipeline_family(pipe) != "sd":
+        raise ModelError(f"train-lora supports SD 1.x/2.x layouts, not {pipeline_family(pipe)}", where=cfg.model)
+    size = cfg.resolution or default_resolution(pipe)
+    out = Path(cfg.output)
+
+    # 1. Data: cache latents (both flips) and prompt ids once.
+    instance = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
+    if cfg.random_flip:
+        instance = torch.cat([instance, instance.flip(-1)])
+    class_pixels = None
+    if cfg.with_prior_preservation:
+        class_folder = _ensure_class_images(cfg, out, size)
+        class_pixels = _load_images(class_folder, None, size, "class_data")[: cfg.num_class_images]
+    out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord.start(out / "run", "train-lora", cfg)
+    vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+    for module in (vae, unet, text_encoder):
+        module.requires_grad_(False)
+    inst_mean, inst_std = _encode_latents(vae, instance)
+    cls_mean = cls_std = None
+    if class_pixels is not None:
+        cls_mean, cls_std = _encode_latents(vae, class_pixels)
+    inst_ids = _encode_prompt(pipe, cfg.instance_prompt)
+    cls_ids = _encode_prompt(pipe, cfg.class_prompt)
+    scaling = pipe.vae.config.scaling_factor
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    # 2. LoRA layers (peft), seeded so two runs start from the same weights.
+    torch.manual_seed(cfg.seed)
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+    if cfg.train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                            target_modules=TEXT_TARGETS))
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate)
+    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+
+    start_step = 0
+    if cfg.resume and _checkpoint_paths(out):
+        start_step = _load_checkpoint(_checkpoint_paths(out)[-1], params, optimizer)
+
+    # Frozen text encoder: embed each prompt once.
+    with torch.no_grad():
+        inst_emb = text_encoder(inst_ids.to(accelerator.device))[0] if not cfg.train_text_encoder else None
+        cls_emb = text_encoder(cls_ids.to(accelerator.device))[0] if not cfg.train_text_encoder else None
+
+    # 3. Train.
+    unet.train()
+    t0 = time.time()
+    loss_value = float("nan")
+    bar = tqdm(range(start_step, cfg.max_train_steps), desc="train-lora", unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        g = _step_generator(cfg.seed, step)
+        idx = torch.randint(0, len(inst_mean), (cfg.train_batch_size,), generator=g)
+        mean, std = inst_mean[idx], inst_std[idx]
+        n_inst = len(idx)
+        if cls_mean is not None:
+            cidx = torch.randint(0, len(cls_mean), (cfg.train_batch_size,), generator=g)
+            mean, std = torch.cat([mean, cls_mean[cidx]]), torch.cat([std, cls_std[cidx]])
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * scaling
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        dev = accelerator.device
+        if cfg.train_text_encoder:
+            inst_e = text_encoder(inst_ids.to(dev))[0]
+            cls_e = text_encoder(cls_ids.to(dev))[0]
+        else:
+            inst_e, cls_e = inst_emb, cls_emb
+        cond = inst_e.expand(n_inst, -1, -1)
+        if cls_mean is not None:
+            cond = torch.cat([cond, cls_e.expand(len(latents) - n_inst, -1, -1)])
+        with accelerator.autocast():
+            pred = unet(noisy.to(dev), timesteps.to(dev), cond).sample
+        pred, target = pred.float(), target.to(dev).float()
+        if cls_mean is not None:
+            loss = F.mse_loss(pred[:n_inst], target[:n_inst]) + cfg.prior_loss_weight * F.mse_loss(pred[n_inst:], target[n_inst:])
+        else:
+            loss = F.mse_loss(pred, target)
+        if not torch.isfinite(loss):
+            raise ModelError(f"loss became {loss.item()} at step {step}", where=cfg.output,
+                             fix="lower the learning rate or use mixed_precision=no")
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(loss.detach())
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        done = step + 1
+        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+            _save_checkpoint(out, done, params, optimizer, loss_value)
+        if cfg.validation_prompt and cfg.validation_steps and done % cfg.validation_steps == 0:
+            _validate(pipe, cfg, out, done, size)
+    bar.close()
+    seconds = time.time() - t0
+
+    # 4. Save in diffusers format (+ kohya on request), atomically.
+    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(unet)))
+    te_sd = (convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(text_encoder)))
+             if cfg.train_text_encoder else None)
+    weights = save_diffusers_lora(pipe, out, unet_sd, te_sd)
+    adapter_config = {
+        "type": "lora", "format": "diffusers", "base_model": cfg.model, "rank": cfg.rank, "alpha": alpha,
+        "unet_target_modules": UNET_TARGETS, "text_encoder_target_modules": TEXT_TARGETS if cfg.train_text_encoder else [],
+        "instance_prompt": cfg.instance_prompt, "steps": cfg.max_train_steps, "final_loss": loss_value,
+        "resolution": size, "config": config_to_dict(cfg),
+    }
+    atomic_write_json(out / "adapter_config.json", adapter_config)
+    if cfg.kohya_export:
+        export_kohya(weights, out / "kohya_lora.safetensors", alpha)
+    if cfg.validation_prompt:
+        _validate(pipe, cfg, out, cfg.max_train_steps, size)
+    steps_run = cfg.max_train_steps - start_step
+    result = LoraTrainResult(out, weights, cfg.max_train_steps, start_step, loss_value, round(seconds, 3),
+                             round(steps_run / seconds, 3) if seconds > 0 else 0.0)
+    record.finish({"final_loss": loss_value, "steps": cfg.max_train_steps, "resumed_from": start_step,
+                   "steps_per_second": result.steps_per_second})
+    return result
+
+
+def save_diffusers_lora(pipe, out: Path, unet_sd: dict, te_sd: dict | None) -> Path:
+    """``save_lora_weights`` into a temp folder, then an atomic rename of the file into ``out``."""
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                                     safe_serialization=True)
+        (Path(tmp) / LORA_WEIGHTS).replace(out / LORA_WEIGHTS)
+    return out / LORA_WEIGHTS
+
+
+def export_kohya(weights: Path, target: Path, alpha: float) -> Path:
+    """Rewrite a diffusers LoRA with kohya-ss key names (``lora_unet_*``, ``lora_te_*``, ``.alpha``)."""
+    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from safetensors.torch import save
+
+    from ..artefacts import atomic_write_bytes
+
+    tensors, _ = read_safetensors(weights)
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(tensors))
+    # convert_state_dict_to_kohya writes alpha = rank; keep the trained alpha instead.
+    for key in [k for k in kohya if k.endswith(".alpha")]:
+        kohya[key] = torch.tensor(float(alpha))
+    atomic_write_bytes(target, save({k: v.contiguous() for k, v in kohya.items()}))
+    return target
+
+
+@torch.no_grad()
+def _validate(pipe, cfg: LoraTrainConfig, out: Path, step: int, size: int) -> Path:
+    from PIL import Image
+
+    from ..artefacts import atomic_write_bytes, encode_png
+
+    pipe.unet.eval()
+    generators = [torch.Generator("cpu").manual_seed(cfg.seed + i) for i in range(cfg.num_validation_images)]
+    images = pipe(prompt=[cfg.validation_prompt] * cfg.num_validation_images, num_inference_steps=25,
+                  height=size, width=size, generator=generators).images
+    pipe.unet.train()
+    grid = Image.new("RGB", (size * len(images), size))
+    for i, im in enumerate(images):
+        grid.paste(im, (i * size, 0))
+    path = out / "validation" / f"step-{step:07d}.png"
+    atomic_write_bytes(path, encode_png(grid))
+    return path
+

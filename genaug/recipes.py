@@ -1,0 +1,153 @@
+"""Declarative recipes: a YAML/TOML list of stages that ``genaug run`` executes in order.
+
+A recipe names each stage, the command it runs and that command's config; ``${output}`` in any
+string is the recipe's output folder. A stage's cache key is the hash of its command, its
+resolved config and the keys of every stage before it, so an unchanged stage is not rerun and
+a changed one reruns everything downstream.
+
+    name: quickstart
+    output: runs/quickstart
+    stages:
+      - name: model
+        command: kit
+        config: {arch: sd15, output: "${output}/model"}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artefacts import atomic_write_json
+from .config import config_from_dict, config_to_dict, option, read_config_file
+from .errors import ConfigError
+from .runs import RunRecord
+
+RECIPE_DIRS = (Path("pipelines"), Path(__file__).resolve().parent.parent / "pipelines")
+
+
+@dataclass
+class RecipeConfig:
+    """Run a recipe from pipelines/ (by name or path)."""
+
+    recipe: str = option("quickstart", "recipe name (a file in pipelines/) or a path to a YAML/TOML recipe",
+                         positional=True)
+    output: str | None = option(None, "output folder (default: the recipe's own `output`)")
+    force: bool = option(False, "rerun every stage even if its cached result is current")
+    only: list[str] = option(help="run only these stages (names), with their inputs cached", factory=list)
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    command: str
+    cached: bool
+    seconds: float
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeResult:
+    recipe: str
+    output: Path
+    stages: list[StageOutcome]
+    seconds: float
+
+
+def find_recipe(recipe: str) -> Path:
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for folder in RECIPE_DIRS:
+        for suffix in (".yaml", ".yml", ".toml"):
+            candidate = folder / f"{recipe}{suffix}"
+            if candidate.is_file():
+                return candidate
+    known = sorted({p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.y*ml")})
+    raise ConfigError(f"recipe {recipe!r} not found", fix=f"give a path or one of: {', '.join(known) or 'none'}")
+
+
+def _interpolate(value: Any, variables: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for key, val in variables.items():
+            value = value.replace("${" + key + "}", val)
+        return value
+    if isinstance(value, list):
+        return [_interpolate(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables) for k, v in value.items()}
+    return value
+
+
+def _result_dict(result: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(result):
+        return json.loads(json.dumps(dataclasses.asdict(result), default=str))
+    return {"result": str(result)}
+
+
+def run_recipe(cfg: RecipeConfig) -> RecipeResult:
+    from .cli import COMMANDS, _load
+
+    path = find_recipe(cfg.recipe)
+    recipe = read_config_file(path)
+    unknown = set(recipe) - {"name", "description", "output", "stages"}
+    if unknown:
+        raise ConfigError(f"unknown recipe key {sorted(unknown)[0]!r}", where=str(path),
+                          fix="use name, description, output, stages")
+    stages = recipe.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("a recipe needs a non-empty `stages` list", where=str(path))
+    output = Path(cfg.output or recipe.get("output") or f"runs/{path.stem}")
+    variables = {"output": str(output), "recipe_dir": str(path.parent)}
+
+    # Validate every stage before running any, so a typo in stage 5 does not cost stages 1-4.
+    planned = []
+    names = set()
+    for i, stage in enumerate(stages):
+        where = f"{path}: stages[{i}]"
+        if not isinstance(stage, dict) or set(stage) - {"name", "command", "config"} or "command" not in stage:
+            raise ConfigError("each stage needs `command` and may have `name` and `config`", where=where)
+        name = str(stage.get("name", stage["command"]))
+        if name in names:
+            raise ConfigError(f"duplicate stage name {name!r}", where=where)
+        names.add(name)
+        command = stage["command"]
+        if command not in COMMANDS or command == "run":
+            raise ConfigError(f"unknown command {command!r}", where=where,
+                              fix=f"use one of {sorted(set(COMMANDS) - {'run'})}")
+        config = config_from_dict(_load(COMMANDS[command].config), _interpolate(stage.get("config") or {}, variables),
+                                  source=f"{where} ({name})")
+        planned.append((name, command, config))
+    missing = set(cfg.only) - names
+    if missing:
+        raise ConfigError(f"--only names unknown stage {sorted(missing)[0]!r}", fix=f"stages are {sorted(names)}")
+
+    record = RunRecord.start(output / "run", "run", cfg)
+    t0 = time.time()
+    outcomes: list[StageOutcome] = []
+    chain = hashlib.sha256(b"genaug-recipe")
+    for name, command, config in planned:
+        chain.update(json.dumps({"command": command, "config": config_to_dict(config)}, sort_keys=True).encode())
+        key = chain.hexdigest()
+        cache_file = output / ".stages" / f"{name}.json"
+        cached = json.loads(cache_file.read_text()) if cache_file.is_file() else None
+        skip = cfg.only and name not in cfg.only
+        if not cfg.force and cached and cached.get("key") == key or (skip and cached):
+            outcomes.append(StageOutcome(name, command, True, 0.0, cached.get("result", {})))
+            print(f"[{name}] {command}: cached")
+            continue
+        print(f"[{name}] {command}: running")
+        s0 = time.time()
+        result = _load(COMMANDS[command].run)(config)
+        outcome = StageOutcome(name, command, False, round(time.time() - s0, 3), _result_dict(result))
+        atomic_write_json(cache_file, {"key": key, "command": command, "config": config_to_dict(config),
+                                       "result": outcome.result})
+        outcomes.append(outcome)
+    result = RecipeResult(str(path), output, outcomes, round(time.time() - t0, 3))
+    record.finish({"stages": [dataclasses.asdict(o) for o in outcomes]})
+    return result
