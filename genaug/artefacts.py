@@ -20,6 +20,8 @@ import json
 import os
 import re
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +39,8 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 # Refuse decompression bombs: 64 MP is far above any image genaug trains on.
 MAX_IMAGE_PIXELS = 64_000_000
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -46,6 +50,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the mode a plain open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -193,17 +198,23 @@ class DatasetWriter:
     """Append images with metadata to a genaug dataset split; resumable and crash-safe.
 
     Use as a context manager; ``done_ids`` lists what an earlier (possibly killed) run wrote.
+    With ``threads > 0`` image files are written by a thread pool (each fsync waits for a journal
+    commit; concurrent ones share it), while metadata lines are still appended strictly in call
+    order and only once their image is in place: the files are byte-identical to ``threads=0``.
     """
 
     def __init__(self, root: str | Path, class_names: list[str], *, split: str | None = "train",
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, threads: int = 0, in_flight: int = 64):
         self.root = Path(root)
         self.split = split
         self.class_names = list(class_names)
         self.info = dict(info or {})
         self.folder = self.root / split if split else self.root
+        self.threads, self.in_flight = threads, in_flight
         self._lock: contextlib.ExitStack | None = None
         self._meta_fh: io.BufferedWriter | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._queued: deque[tuple[Future | None, str, bytes]] = deque()
         self.done_ids: set[str] = set()
         self.count = 0
 
@@ -222,6 +233,8 @@ class DatasetWriter:
         (self.folder / "images").mkdir(parents=True, exist_ok=True)
         _update_manifest(self.root, self.class_names, self.split, {"num_items": self.count, "complete": False}, self.info)
         self._meta_fh = open(meta_path, "ab")
+        if self.threads:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="genaug-writer")
         return self
 
     def add(self, item_id: str, image: Image.Image, label: int, **metadata: Any) -> str:
@@ -234,25 +247,67 @@ class DatasetWriter:
         if not 0 <= int(label) < len(self.class_names):
             raise DataError(f"label {label} out of range for {len(self.class_names)} classes", where=str(self.folder))
         file_name = f"images/{item_id}.png"
-        atomic_write_bytes(safe_child(self.folder, file_name), encode_png(to_rgb(image)))
+        target = safe_child(self.folder, file_name)
         row = {"file_name": file_name, "id": item_id, "label": int(label),
                "class_name": self.class_names[int(label)], **metadata}
-        self._meta_fh.write((json.dumps(row, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8"))
-        self._meta_fh.flush()
-        self.done_ids.add(item_id)
-        self.count += 1
+        line = (json.dumps(row, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
+        if self._executor is None:
+            atomic_write_bytes(target, encode_png(to_rgb(image)))
+            self._queued.append((None, item_id, line))
+            self._settle(keep=0)
+        else:
+            future = self._executor.submit(lambda: atomic_write_bytes(target, encode_png(to_rgb(image))))
+            self._queued.append((future, item_id, line))
+            if len(self._queued) >= self.in_flight:
+                self._settle(keep=self.in_flight // 2)
         return file_name
 
+    def _settle(self, keep: int) -> None:
+        """Append the metadata lines of the oldest queued images, each once its file is on disk."""
+        while len(self._queued) > keep:
+            future, item_id, line = self._queued[0]
+            if future is not None:
+                future.result()  # re-raises a failed write before its line could point at nothing
+            self._queued.popleft()
+            self._meta_fh.write(line)
+            self.done_ids.add(item_id)
+            self.count += 1
+        self._meta_fh.flush()
+
+    def _settle_written(self) -> None:
+        """After a failure, keep the lines of the images written before the first failed one."""
+        while self._queued:
+            future, item_id, line = self._queued.popleft()
+            if future is not None and (future.cancelled() or future.exception() is not None):
+                break
+            self._meta_fh.write(line)
+            self.done_ids.add(item_id)
+            self.count += 1
+        self._queued.clear()
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._meta_fh is not None:
-            self._meta_fh.flush()
-            os.fsync(self._meta_fh.fileno())
-            self._meta_fh.close()
-            self._meta_fh = None
-        complete = exc_type is None
-        _update_manifest(self.root, self.class_names, self.split, {"num_items": self.count, "complete": complete}, self.info)
-        if self._lock is not None:
-            self._lock.close()
+        try:
+            if exc_type is None and self._meta_fh is not None:
+                self._settle(keep=0)
+        except BaseException as error:
+            exc_type = type(error)
+            raise
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+            if self._meta_fh is not None:
+                if exc_type is not None:
+                    self._settle_written()
+                self._meta_fh.flush()
+                os.fsync(self._meta_fh.fileno())
+                self._meta_fh.close()
+                self._meta_fh = None
+            complete = exc_type is None
+            _update_manifest(self.root, self.class_names, self.split, {"num_items": self.count, "complete": complete},
+                             self.info)
+            if self._lock is not None:
+                self._lock.close()
 
 
 def _json_default(value: Any) -> Any:

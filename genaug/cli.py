@@ -32,6 +32,8 @@ class Command:
 COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("world", "generate the procedural world: pretraining pool, benchmark, few-shot and novel-concept sets",
             "genaug.world:WorldConfig", "genaug.world:build_world"),
+    Command("pretrain", "train, measure and card the embedded model family on a world",
+            "genaug.pretrain.run:PretrainConfig", "genaug.pretrain.run:pretrain"),
     Command("kit", "build a tiny random model (sd15, unclip, sdxl, clip) as a diffusers folder",
             "genaug.models.kit:KitConfig", "genaug.models.kit:save_kit_model"),
     Command("train-lora", "DreamBooth-LoRA: fine-tune a LoRA adapter on a few images of a concept",

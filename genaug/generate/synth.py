@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from ..artefacts import METADATA, DatasetWriter, GenaugDataset, read_dataset, read_metadata_lines, slugify
 from ..config import option
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from ..models.loading import default_resolution, load_pipeline, pipeline_family
 from ..runs import RunRecord
 from .prompts import DEFAULT_TEMPLATES, fill
+from .sampler import Conditioning, Sampler, to_pil
 
 
 def item_seed(run_seed: int, item_id: str) -> int:
@@ -124,14 +125,19 @@ def plan_text(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | No
 
 
 def generate_text(pipe, items: list[SynthItem], cfg: SynthConfig, size: int):
-    if pipeline_family(pipe) == "unclip":
-        raise ModelError("the text method needs a text-to-image model; this is an unCLIP image-variation model",
-                         where=cfg.model, fix="use --method augcond with unCLIP models")
+    """Text-to-image; unCLIP-style models sample with the null image condition (text only)."""
     generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
-    out = pipe(prompt=[it.prompt for it in items], negative_prompt=[it.negative_prompt for it in items],
-               num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-               height=size, width=size, generator=generators, output_type="pil")
-    return out.images
+    if pipeline_family(pipe) == "sdxl":
+        out = pipe(prompt=[it.prompt for it in items], negative_prompt=[it.negative_prompt for it in items],
+                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                   height=size, width=size, generator=generators, output_type="pil")
+        return out.images
+    sampler = Sampler(pipe)
+    pos, neg = sampler.encode_text([it.prompt for it in items], [it.negative_prompt for it in items])
+    labels = sampler.class_labels(None, 0, generators, len(items))
+    cond = Conditioning(pos, neg, labels)
+    return to_pil(sampler.sample(cond, generators, size=size, num_steps=cfg.num_inference_steps,
+                                 guidance_scale=cfg.guidance_scale))
 
 
 @dataclass(frozen=True)

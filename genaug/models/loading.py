@@ -55,6 +55,9 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", xfor
     """Load a diffusers pipeline from a local folder or a cached hub id, on ``device`` in ``dtype``."""
     from diffusers import DiffusionPipeline
 
+    from .embedded import resolve_model
+
+    model = resolve_model(model)
     path = Path(model)
     looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
     if looks_local and not (path / "model_index.json").is_file():

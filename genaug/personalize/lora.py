@@ -16,7 +16,6 @@ Output: ``pytorch_lora_weights.safetensors`` (diffusers/peft keys, loadable with
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_json, read_adapter_config, read_dataset, read_safetensors, write_adapter
+from ..artefacts import atomic_write_json, read_dataset, read_safetensors
+from ..checkpoints import list_checkpoints, load_training_state, save_training_state, step_generator
 from ..config import config_to_dict, option
 from ..errors import ConfigError, DataError, ModelError
 from ..models.loading import default_resolution, load_pipeline, pipeline_family
@@ -96,10 +96,6 @@ class LoraTrainResult:
     steps_per_second: float
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step)
-
-
 def _image_tensor(image, size: int) -> torch.Tensor:
     image = image.resize((size, size), resample=3)  # bicubic, as torchvision's Resize
     arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
@@ -152,44 +148,6 @@ def _ensure_class_images(cfg: LoraTrainConfig, out: Path, size: int) -> str:
                                images_per_class=cfg.num_class_images, seed=cfg.seed, resolution=size,
                                device=cfg.device))
     return folder
-
-
-def _checkpoint_paths(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def _save_checkpoint(out: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer, loss: float) -> None:
-    """LoRA weights + AdamW moments + step, in safetensors; written to a temp folder then renamed."""
-    final = out / "checkpoints" / f"step-{step:07d}"
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out / "checkpoints", prefix=".partial-"))
-    tensors = {f"param/{k}": v.detach() for k, v in params.items()}
-    for k, p in params.items():
-        state = optimizer.state.get(p, {})
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in state:
-                tensors[f"{name}/{k}"] = state[name]
-        if "step" in state:
-            tensors[f"step/{k}"] = torch.as_tensor(state["step"]).reshape(1).float()
-    write_adapter(tmp, "state.safetensors", tensors, {"step": step, "loss": loss})
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def _load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer) -> int:
-    tensors, _ = read_safetensors(path / "state.safetensors")
-    step = int(read_adapter_config(path)["step"])
-    with torch.no_grad():
-        for k, p in params.items():
-            if f"param/{k}" not in tensors:
-                raise ModelError(f"checkpoint lacks {k}", where=str(path), fix="delete the checkpoints folder")
-            p.copy_(tensors[f"param/{k}"])
-            if f"exp_avg/{k}" in tensors:
-                optimizer.state[p] = {"exp_avg": tensors[f"exp_avg/{k}"].clone(),
-                                      "exp_avg_sq": tensors[f"exp_avg_sq/{k}"].clone(),
-                                      "step": tensors[f"step/{k}"].reshape(()).clone()}
-    return step
 
 
 def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
@@ -248,8 +206,8 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
 
     start_step = 0
-    if cfg.resume and _checkpoint_paths(out):
-        start_step = _load_checkpoint(_checkpoint_paths(out)[-1], params, optimizer)
+    if cfg.resume and list_checkpoints(out / "checkpoints"):
+        start_step = load_training_state(list_checkpoints(out / "checkpoints")[-1], params, optimizer)
 
     # Frozen text encoder: embed each prompt once.
     with torch.no_grad():
@@ -263,7 +221,7 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     bar = tqdm(range(start_step, cfg.max_train_steps), desc="train-lora", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
     for step in bar:
-        g = _step_generator(cfg.seed, step)
+        g = step_generator(cfg.seed, step)
         idx = torch.randint(0, len(inst_mean), (cfg.train_batch_size,), generator=g)
         mean, std = inst_mean[idx], inst_std[idx]
         n_inst = len(idx)
@@ -304,7 +262,7 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-            _save_checkpoint(out, done, params, optimizer, loss_value)
+            save_training_state(out / "checkpoints", done, params, optimizer, info={"loss": loss_value})
         if cfg.validation_prompt and cfg.validation_steps and done % cfg.validation_steps == 0:
             _validate(pipe, cfg, out, done, size)
     bar.close()

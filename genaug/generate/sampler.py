@@ -1,0 +1,149 @@
+"""One batched DDIM sampler over diffusers components, shared by every synthesis method.
+
+Stock pipelines take one strength, one guidance scale and one kind of conditioning per call.
+Synthesis wants more in one batch: each image has its own seed, its own img2img strength
+(DA-Fusion draws it at random), and — on unCLIP-style models — its own image embedding or
+none. This sampler runs the UNet of an SD-family or unCLIP-family pipeline directly:
+
+* per-item generators: image ``i`` depends only on its own seed, never on its batch-mates;
+* per-item strength: an item joins the denoising loop at its own start step (SDEdit), and the
+  UNet runs only on the items already active;
+* unCLIP conditioning: the noise-augmented CLIP image embedding enters through the UNet's class
+  embedding; the null condition is all zeros, as in ``StableUnCLIPImg2ImgPipeline``'s
+  classifier-free guidance, which makes text-only sampling of unCLIP models possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models.loading import pipeline_family
+
+
+@dataclass
+class Conditioning:
+    """Encoded conditions of a batch: positive and negative text, optional class labels (unCLIP)."""
+
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+    class_labels: torch.Tensor | None = None
+    negative_class_labels: torch.Tensor | None = None
+
+
+class Sampler:
+    def __init__(self, pipe):
+        from diffusers import DDIMScheduler
+
+        self.pipe = pipe
+        self.family = pipeline_family(pipe)
+        if self.family not in ("sd", "unclip"):
+            raise ValueError(f"the shared sampler runs SD and unCLIP layouts, not {self.family}")
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.device = self.unet.device
+        self.dtype = self.unet.dtype
+        config = dict(pipe.scheduler.config)
+        config.update(clip_sample=False, set_alpha_to_one=False)
+        self.scheduler = DDIMScheduler.from_config(config)
+        self.scaling = self.vae.config.scaling_factor
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], negative_prompts: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        negative_prompts = negative_prompts or [""] * len(prompts)
+        pos, neg = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=negative_prompts)
+        return pos, neg
+
+    @property
+    def image_embed_dim(self) -> int | None:
+        if self.family != "unclip":
+            return None
+        return int(self.unet.config.projection_class_embeddings_input_dim)
+
+    @torch.no_grad()
+    def image_embeddings(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of the unCLIP model's own image encoder."""
+        if not isinstance(images, torch.Tensor):
+            images = self.pipe.feature_extractor(images=images, return_tensors="pt").pixel_values
+        encoder = self.pipe.image_encoder
+        return encoder(images.to(self.device, encoder.dtype)).image_embeds
+
+    @torch.no_grad()
+    def class_labels(self, image_embeds: torch.Tensor | None, noise_level: int, generators: list[torch.Generator],
+                     batch: int) -> torch.Tensor | None:
+        """unCLIP class labels: noise-augmented embeddings + noise-level embedding; zeros when ``image_embeds`` is None."""
+        if self.family != "unclip":
+            return None
+        if image_embeds is None:
+            return torch.zeros(batch, self.image_embed_dim, device=self.device, dtype=self.dtype)
+        noise = torch.stack([torch.randn(image_embeds.shape[1:], generator=g) for g in generators])
+        return self.pipe.noise_image_embeddings(image_embeds.to(self.device, self.dtype), noise_level,
+                                                noise=noise.to(self.device, self.dtype))
+
+    # ------------------------------------------------------------------ latents
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Images in [-1, 1] (B,3,H,W) -> scaled latents, sampled from the posterior with each item's generator."""
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators]).to(dist.mean)
+        return (dist.mean + dist.std * eps) * self.scaling
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling).sample
+        images = (images.float().clamp(-1, 1) + 1) * 127.5
+        return images.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, cond: Conditioning, generators: list[torch.Generator], *, size: int, num_steps: int,
+               guidance_scale: float | torch.Tensor, init_latents: torch.Tensor | None = None,
+               strengths: torch.Tensor | None = None) -> np.ndarray:
+        """Denoise one batch; returns uint8 images (B, H, W, 3)."""
+        batch = len(generators)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = (self.unet.config.in_channels, size // factor, size // factor)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        # Start index of each item: 0 for text-to-image, later for img2img with strength < 1.
+        if init_latents is None:
+            start = torch.zeros(batch, dtype=torch.long)
+            latents = noise * self.scheduler.init_noise_sigma
+        else:
+            if strengths is None:
+                raise ValueError("img2img sampling needs strengths")
+            steps_run = torch.clamp((strengths.float() * num_steps).long(), 0, num_steps)
+            start = num_steps - steps_run
+            latents = init_latents.to(self.device, self.dtype).clone()
+        guidance = torch.as_tensor(guidance_scale, dtype=torch.float32, device=self.device).expand(batch)
+        guidance = guidance.view(-1, 1, 1, 1).to(self.dtype)
+        for k, t in enumerate(timesteps):
+            joining = (start == k).nonzero().flatten()
+            if len(joining) and init_latents is not None:
+                j = joining.to(self.device)
+                latents[j] = self.scheduler.add_noise(init_latents[j].to(self.device, self.dtype), noise[j],
+                                                      t.repeat(len(j)))
+            active = (start <= k).nonzero().flatten().to(self.device)
+            if len(active) == 0:
+                continue
+            x = latents[active]
+            model_in = self.scheduler.scale_model_input(torch.cat([x, x]), t)
+            text = torch.cat([cond.negative_embeds[active], cond.prompt_embeds[active]])
+            labels = None
+            if cond.class_labels is not None:
+                negative = cond.negative_class_labels if cond.negative_class_labels is not None else torch.zeros_like(cond.class_labels)
+                labels = torch.cat([negative[active], cond.class_labels[active]])
+            pred = self.unet(model_in, t, encoder_hidden_states=text, class_labels=labels).sample
+            uncond, conditional = pred.chunk(2)
+            g = guidance[active]
+            eps = uncond + g * (conditional - uncond)
+            latents[active] = self.scheduler.step(eps, t, x).prev_sample
+        return self.decode(latents)
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    return [Image.fromarray(im) for im in images]

@@ -1,0 +1,388 @@
+"""A tiny CLIP-style dual encoder trained from scratch on a captioned image pool.
+
+The model is a plain ``transformers.CLIPModel`` built from a small config, trained with CLIP's
+symmetric InfoNCE loss and learnable temperature, and saved as a standard transformers folder
+(weights, tokenizer, image processor), so every consumer loads it exactly like a real CLIP
+checkpoint: ``CLIPModel.from_pretrained(folder)``, ``CLIPTokenizer.from_pretrained(folder)``,
+``CLIPImageProcessor.from_pretrained(folder)``. :func:`export_encoders` splits it into the two
+towers a diffusion model consumes (text hidden states for cross-attention, projected image
+embeddings for unCLIP-style conditioning).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..artefacts import atomic_write_json
+from ..config import config_to_dict, option
+from .data import CLIP_MEAN, CLIP_STD, ImageSplit
+
+DUAL_ENCODER_JSON = "genaug_dual_encoder.json"
+
+
+@dataclass
+class DualEncoderConfig:
+    """Architecture and training settings of the embedded CLIP-style dual encoder."""
+
+    image_size: int = option(32, "image side in pixels the vision tower takes")
+    patch_size: int = option(4, "vision patch side in pixels (image_size must be a multiple)")
+    vision_width: int = option(128, "hidden size of the vision transformer")
+    vision_layers: int = option(4, "transformer layers of the vision tower")
+    vision_heads: int = option(4, "attention heads of the vision tower")
+    text_width: int = option(128, "hidden size of the text transformer")
+    text_layers: int = option(4, "transformer layers of the text tower")
+    text_heads: int = option(4, "attention heads of the text tower")
+    sincos_positions: bool = option(True, "start the vision tower's (learned) position embeddings from a 2-D "
+                                          "sine-cosine table: a tiny ViT trained briefly learns shapes faster "
+                                          "when it need not discover the patch grid first")
+    mlp_ratio: int = option(4, "MLP hidden size as a multiple of the width, in both towers")
+    projection_dim: int = option(64, "size of the shared image-text embedding space")
+    max_text_length: int = option(32, "tokens per caption, BOS and EOS included (longer captions are cut)")
+    steps: int = option(3000, "optimizer steps")
+    batch_size: int = option(256, "image-caption pairs per step (also the number of negatives)")
+    learning_rate: float = option(1e-3, "peak AdamW learning rate")
+    warmup_steps: int = option(150, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = option(0.05, "learning rate at the end of the cosine, as a fraction of the peak")
+    weight_decay: float = option(0.1, "AdamW weight decay on weight matrices (not on norms, biases, "
+                                      "embeddings or the temperature)")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
+    init_temperature: float = option(0.07, "initial softmax temperature (CLIP's 0.07)")
+    max_logit_scale: float = option(100.0, "upper bound on the learned inverse temperature (CLIP's 100)")
+    crop_scale_min: float = option(0.8, "random resized crop keeps at least this fraction of the image area "
+                                        "(mild: captions name the object's size; 1 turns cropping off)")
+    horizontal_flip: bool = option(True, "flip images left-right at random (shape and pattern names are "
+                                         "flip-invariant)")
+    seed: int = option(0, "seed of initialization, batch order and augmentation")
+    progress: bool = option(True, "show a progress bar with the loss")
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
+                     "text_layers", "text_heads", "mlp_ratio", "projection_dim", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.vision_width % self.vision_heads:
+            raise ValueError(f"vision_width ({self.vision_width}) must be divisible by vision_heads "
+                             f"({self.vision_heads})")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width ({self.text_width}) must be divisible by text_heads ({self.text_heads})")
+        if self.sincos_positions and self.vision_width % 4:
+            raise ValueError(f"sincos_positions needs vision_width divisible by 4, got {self.vision_width}")
+        if not 3 <= self.max_text_length <= 512:
+            raise ValueError(f"max_text_length must be in [3, 512], got {self.max_text_length}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be at least 2: a contrastive batch needs negatives")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be non-negative")
+        if not 0.0 < self.init_temperature < 1.0:
+            raise ValueError(f"init_temperature must be in (0, 1), got {self.init_temperature}")
+        if self.max_logit_scale < 1.0 / self.init_temperature:
+            raise ValueError(f"max_logit_scale ({self.max_logit_scale}) must be >= 1/init_temperature")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
+
+
+@dataclass
+class DualEncoderResult:
+    """What training produced: where it is saved, how it went, what the held-out split scored."""
+
+    out_dir: str
+    steps: int
+    seconds: float
+    num_parameters: int
+    final_loss: float
+    logit_scale: float
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- model
+def build_dual_encoder(cfg: DualEncoderConfig, vocab_size: int, *, bos_token_id: int | None = None,
+                       eos_token_id: int | None = None, pad_token_id: int | None = None):
+    """A randomly initialized ``CLIPModel`` of ``cfg``'s size for a tokenizer of ``vocab_size`` tokens.
+
+    The special ids default to the layout of :func:`genaug.models.tokenizer.build_clip_tokenizer`
+    (``<|startoftext|>``, ``<|endoftext|>`` last, padding with ``<|endoftext|>``). They matter: the
+    text tower pools at the *first* EOS id, so a wrong ``eos_token_id`` silently pools a random token.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    eos = vocab_size - 1 if eos_token_id is None else eos_token_id
+    bos = vocab_size - 2 if bos_token_id is None else bos_token_id
+    pad = eos if pad_token_id is None else pad_token_id
+    if eos == 2:
+        # transformers treats eos_token_id == 2 as a legacy config and pools at argmax(input_ids).
+        raise ValueError("eos_token_id 2 is reserved by transformers' legacy CLIP pooling; use another id")
+    text_config = dict(vocab_size=vocab_size, hidden_size=cfg.text_width,
+                       intermediate_size=cfg.text_width * cfg.mlp_ratio, num_hidden_layers=cfg.text_layers,
+                       num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_text_length,
+                       projection_dim=cfg.projection_dim, hidden_act="gelu",
+                       bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    vision_config = dict(hidden_size=cfg.vision_width, intermediate_size=cfg.vision_width * cfg.mlp_ratio,
+                         num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                         image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
+                         projection_dim=cfg.projection_dim, hidden_act="gelu")
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=cfg.projection_dim,
+                        logit_scale_init_value=math.log(1.0 / cfg.init_temperature))
+    # Initialization draws from the global generator: seed a forked copy, leave the caller's alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = CLIPModel(config)
+    if cfg.sincos_positions:
+        grid = cfg.image_size // cfg.patch_size
+        with torch.no_grad():
+            table = model.vision_model.embeddings.position_embedding.weight
+            table.zero_()  # row 0 (the class token) stays zero
+            table[1:] = SINCOS_SCALE * sincos_2d(grid, cfg.vision_width)
+    return model
+
+
+# Sin-cos values have a per-dimension std of ~0.7; scaled to ~0.14, the size of the freshly
+# initialized patch embeddings' outputs, so neither drowns the other before the pre-LayerNorm.
+SINCOS_SCALE = 0.2
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """2-D sine-cosine position table (grid*grid, width), row-major over (y, x), as in MAE."""
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {width}")
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    angles_y = ys.reshape(-1, 1) * frequencies
+    angles_x = xs.reshape(-1, 1) * frequencies
+    return torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1).float()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_encoders(model) -> tuple[Any, Any]:
+    """Copies of the two towers as ``(CLIPTextModel, CLIPVisionModelWithProjection)``, in eval mode.
+
+    The diffusion model reads the text tower's ``last_hidden_state`` (cross-attention) and the
+    vision tower's projected ``image_embeds`` (unCLIP-style image conditioning); their outputs
+    equal ``model``'s own text hidden states and ``get_image_features``.
+    """
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    text_config = copy.deepcopy(model.config.text_config)
+    vision_config = copy.deepcopy(model.config.vision_config)
+    vision_config.projection_dim = model.config.projection_dim
+    text = CLIPTextModel(text_config)
+    text.load_state_dict(model.text_model.state_dict())
+    vision = CLIPVisionModelWithProjection(vision_config)
+    vision.vision_model.load_state_dict(model.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(model.visual_projection.state_dict())
+    dtype = next(model.parameters()).dtype
+    return text.to(dtype).eval(), vision.to(dtype).eval()
+
+
+def build_image_processor(image_size: int):
+    """A ``CLIPImageProcessor`` that maps an image to the dual encoder's input (size and CLIP normalization)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": image_size}, do_center_crop=True,
+                              crop_size={"height": image_size, "width": image_size}, do_rescale=True,
+                              rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
+                              image_std=list(CLIP_STD), do_convert_rgb=True)
+
+
+# --------------------------------------------------------------------------- augmentation
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, scale_min: float = 0.8,
+                     ratio: tuple[float, float] = (0.9, 1.1), flip: bool = True) -> torch.Tensor:
+    """Random resized crop (area fraction in [scale_min, 1]) and left-right flip of a float batch.
+
+    One ``affine_grid`` + ``grid_sample`` call for the whole batch: per-image PIL transforms would
+    cost more than the forward pass of a model this small.
+    """
+    n = images.shape[0]
+    if scale_min >= 1.0 and not flip:
+        return images
+    area = scale_min + (1.0 - scale_min) * torch.rand(n, generator=generator)
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, generator=generator)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    # Crop centres stay inside the image; grid coordinates run over [-1, 1].
+    cx = (1.0 - width) * (2.0 * torch.rand(n, generator=generator) - 1.0)
+    cy = (1.0 - height) * (2.0 * torch.rand(n, generator=generator) - 1.0)
+    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = width * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# --------------------------------------------------------------------------- training
+def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All captions as ``(input_ids (N, max_length), lengths (N,))``; padding is the tokenizer's pad id."""
+    encoded = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"].sum(dim=1)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay weight matrices only: decaying LayerNorm gains, biases, position/token embeddings or
+    # the temperature would pull them toward meaningless zeros.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim >= 2 and "embedding" not in name:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(step: int, cfg: DualEncoderConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_dir: str | Path,
+                       eval_split: ImageSplit | None = None) -> DualEncoderResult:
+    """Train a dual encoder on ``pool``'s image-caption pairs and save it to ``out_dir``.
+
+    ``eval_split`` (held-out captioned images) is scored after training: text-to-image recall@1/5/10
+    and zero-shot accuracy over its class names. Same config, data and seed give the same weights.
+    """
+    from ..evaluate.metrics import clip_image_features, clip_text_features, recall_at_k, zero_shot_accuracy
+
+    if len(pool) < 2:
+        raise ValueError("the pool needs at least 2 image-caption pairs")
+    if tuple(pool.images.shape[-2:]) != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"pool images are {tuple(pool.images.shape[-2:])}, the config expects "
+                         f"{cfg.image_size}x{cfg.image_size}")
+    started = time.perf_counter()
+    tokenizer.model_max_length = cfg.max_text_length
+    tokenizer.init_kwargs["model_max_length"] = cfg.max_text_length  # so save_pretrained keeps it
+    model = build_dual_encoder(cfg, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    input_ids, lengths = tokenize_captions(tokenizer, pool.captions, cfg.max_text_length)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batch_size = min(cfg.batch_size, len(pool))
+    max_log_scale = math.log(cfg.max_logit_scale)
+    order = torch.randperm(len(pool), generator=generator)
+    cursor = 0
+    history: list[tuple[int, float]] = []
+    smoothed = float("nan")
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="dual encoder", disable=not cfg.progress, mininterval=1.0)
+    for step in bar:
+        if cursor + batch_size > len(pool):  # a new epoch: reshuffle, drop the ragged tail
+            order = torch.randperm(len(pool), generator=generator)
+            cursor = 0
+        index = order[cursor:cursor + batch_size]
+        cursor += batch_size
+        pixels = random_crop_flip(pool.images[index].float() / 255.0, generator, scale_min=cfg.crop_scale_min,
+                                  flip=cfg.horizontal_flip)
+        pixels = (pixels - mean) / std
+        # Every caption ends at its first EOS and the mask is causal, so the padding past the
+        # batch's longest caption cannot change a pooled feature: cut it off to save compute.
+        ids = input_ids[index, : int(lengths[index].max())]
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, max_log_scale)
+        value = float(loss.detach())
+        smoothed = value if math.isnan(smoothed) else 0.95 * smoothed + 0.05 * value
+        if step % 10 == 0 or step == cfg.steps - 1:
+            history.append((step, round(value, 5)))
+            bar.set_postfix(loss=f"{smoothed:.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}", refresh=False)
+    bar.close()
+    model.eval()
+    train_seconds = time.perf_counter() - started
+
+    metrics: dict[str, float] = {}
+    if eval_split is not None and len(eval_split) > 0:
+        image_feats = clip_image_features(model, eval_split.images)
+        text_feats = clip_text_features(model, tokenizer, eval_split.captions)
+        for k in (1, 5, 10):
+            metrics[f"recall@{k}"] = recall_at_k(text_feats, image_feats, k)
+        metrics["zero_shot_top1"] = zero_shot_accuracy(model, tokenizer, eval_split.images, eval_split.labels,
+                                                       eval_split.class_names)
+        metrics["eval_images"] = float(len(eval_split))
+
+    result = DualEncoderResult(out_dir=str(out_dir), steps=cfg.steps, seconds=round(train_seconds, 2),
+                               num_parameters=count_parameters(model), final_loss=history[-1][1] if history else
+                               float("nan"), logit_scale=float(model.logit_scale.exp()), loss_history=history,
+                               eval_metrics=metrics)
+    save_dual_encoder(model, tokenizer, out_dir, cfg, result)
+    return result
+
+
+def save_dual_encoder(model, tokenizer, out_dir: str | Path, cfg: DualEncoderConfig | None = None,
+                      result: DualEncoderResult | None = None) -> Path:
+    """Write a standard transformers CLIP folder: safetensors weights, tokenizer, image processor.
+
+    genaug's own record (training config and result) goes last, so its presence marks a complete folder.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    build_image_processor(model.config.vision_config.image_size).save_pretrained(out_dir)
+    record: dict[str, Any] = {"format": "genaug-dual-encoder", "version": 1}
+    if cfg is not None:
+        record["config"] = config_to_dict(cfg)
+    if result is not None:
+        record["result"] = {k: v for k, v in result.__dict__.items() if k != "loss_history"}
+    atomic_write_json(out_dir / DUAL_ENCODER_JSON, record)
+    return out_dir
+
+
+def load_dual_encoder(folder: str | Path):
+    """``(CLIPModel, CLIPTokenizer)`` from a saved folder, in eval mode; weights from safetensors only."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from ..errors import ModelError
+
+    folder = Path(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise ModelError("no model.safetensors in the folder", where=str(folder),
+                         fix="train it with genaug pretrain (only safetensors weights are loaded)")
+    model = CLIPModel.from_pretrained(folder, use_safetensors=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+__all__ = ["DualEncoderConfig", "DualEncoderResult", "build_dual_encoder", "train_dual_encoder", "export_encoders",
+           "save_dual_encoder", "load_dual_encoder", "build_image_processor", "random_crop_flip",
+           "tokenize_captions", "count_parameters"]

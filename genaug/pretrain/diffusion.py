@@ -1,0 +1,298 @@
+"""The embedded generator: a tiny latent diffusion model with SD 2.1-unCLIP's layout.
+
+* a small ``AutoencoderKL`` (one downsampling: 32 px -> 16x16x4 latents), trained for
+  reconstruction with a light KL term;
+* a ``UNet2DConditionModel`` with text cross-attention (the frozen text tower of the embedded
+  dual encoder, as SD uses CLIP's) and unCLIP-style image conditioning through its class
+  embedding (``class_embed_type="projection"``: the noise-augmented CLIP image embedding
+  concatenated with the noise level's sinusoidal embedding);
+* conditioning dropout: the text is replaced by the empty prompt with ``p_drop_text`` and the
+  image condition by zeros (the null condition ``StableUnCLIPImg2ImgPipeline`` uses for
+  guidance) with ``p_drop_image``, so text-only, image-only and both work.
+
+The result is saved as a stock ``StableUnCLIPImg2ImgPipeline`` folder. Latents, text and image
+embeddings of the whole pool are computed once and cached in memory; the UNet then trains on
+them alone, with an EMA copy that is what ships.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoints import list_checkpoints, load_training_state, save_training_state, step_generator
+from ..config import option
+from .data import ImageSplit, clip_normalize, to_unit
+
+
+@dataclass
+class GeneratorConfig:
+    """Architecture and training schedule of the embedded diffusion model."""
+
+    vae_channels: list[int] = option(help="AutoencoderKL block widths (len 2: one 2x downsampling)",
+                                     factory=lambda: [32, 64])
+    vae_steps: int = option(1500, "autoencoder training steps")
+    vae_batch_size: int = option(64, "autoencoder batch size")
+    vae_lr: float = option(1e-3, "autoencoder learning rate")
+    vae_kl_weight: float = option(1e-6, "weight of the KL term (small: we want a faithful, smooth latent)")
+    unet_channels: list[int] = option(help="UNet block widths", factory=lambda: [32, 64, 64])
+    unet_attention_heads: int = option(4, "attention heads in the UNet's transformer blocks")
+    unet_steps: int = option(12000, "UNet training steps")
+    unet_batch_size: int = option(64, "UNet batch size")
+    unet_lr: float = option(5e-4, "UNet peak learning rate (warmup, then cosine)")
+    warmup_steps: int = option(500, "learning-rate warmup steps")
+    ema_decay: float = option(0.999, "EMA decay of the shipped UNet weights")
+    p_drop_text: float = option(0.15, "probability of training with the empty prompt")
+    p_drop_image: float = option(0.5, "probability of training with the null image condition")
+    max_image_noise_level: int = option(1000, "image-embedding noise augmentation levels are drawn below this")
+    checkpoint_every: int = option(1000, "save a resumable checkpoint every N UNet steps")
+    seed: int = option(0, "seed of every random draw")
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if len(self.vae_channels) < 1 or len(self.unet_channels) < 2:
+            raise ValueError("vae_channels needs >= 1 width and unet_channels >= 2")
+        for name in ("p_drop_text", "p_drop_image"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError("ema_decay must be in (0, 1)")
+
+
+# ---------------------------------------------------------------------------- autoencoder
+def build_vae(cfg: GeneratorConfig, image_size: int):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(cfg.vae_channels),
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1, norm_num_groups=min(16, cfg.vae_channels[0]), sample_size=image_size,
+        mid_block_add_attention=False,  # self-attention over 16x16 latents costs more than it gives here
+    )
+
+
+def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True):
+    """Reconstruction (L1 + L2) with a light KL; returns the VAE with its latent scaling factor set."""
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg, pool.images.shape[-1])
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="pretrain:vae", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        g = step_generator(cfg.seed + 17, step)
+        idx = torch.randint(0, len(pool), (cfg.vae_batch_size,), generator=g)
+        x = to_unit(pool.images[idx])
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        kl = dist.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    latents = encode_latents(vae, pool.images[: min(4096, len(pool))], scaling=1.0)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images_uint8: torch.Tensor, scaling: float | None = None, batch: int = 512) -> torch.Tensor:
+    """Posterior means (scaled), batch by batch: what the UNet trains on."""
+    scaling = vae.config.scaling_factor if scaling is None else scaling
+    out = [vae.encode(to_unit(images_uint8[i : i + batch])).latent_dist.mean * scaling
+           for i in range(0, len(images_uint8), batch)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images_uint8: torch.Tensor) -> float:
+    x = to_unit(images_uint8)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------------------- conditioning
+@torch.no_grad()
+def encode_captions(text_encoder, tokenizer, captions: list[str], batch: int = 1024) -> torch.Tensor:
+    """Last hidden states of the frozen text tower, padded to the tokenizer's length (as at sampling)."""
+    out = []
+    for i in range(0, len(captions), batch):
+        ids = tokenizer(captions[i : i + batch], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        out.append(text_encoder(ids)[0].half())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_image_embeds(image_encoder, images_uint8: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    return torch.cat([image_encoder(clip_normalize(images_uint8[i : i + batch])).image_embeds
+                      for i in range(0, len(images_uint8), batch)])
+
+
+def build_unet(cfg: GeneratorConfig, latent_size: int, text_dim: int, image_embed_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    # Attention (self + text cross-attention) at every resolution but the highest: on CPU,
+    # self-attention over all 16x16 positions would cost more than the rest of the UNet together.
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=1, down_block_types=down, up_block_types=up, cross_attention_dim=text_dim,
+        attention_head_dim=cfg.unet_attention_heads, norm_num_groups=min(32, cfg.unet_channels[0]),
+        class_embed_type="projection", projection_class_embeddings_input_dim=2 * image_embed_dim,
+    )
+
+
+def noise_schedulers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    train = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          prediction_type="epsilon", clip_sample=False)
+    sample = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                           set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    image_noising = DDPMScheduler(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000)
+    return train, sample, image_noising
+
+
+def image_condition(image_embeds: torch.Tensor, noise_levels: torch.Tensor, normalizer, image_noising,
+                    noise: torch.Tensor) -> torch.Tensor:
+    """Per-item version of ``StableUnCLIPImg2ImgPipeline.noise_image_embeddings``."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    x = normalizer.scale(image_embeds)
+    x = image_noising.add_noise(x, noise, noise_levels)
+    x = normalizer.unscale(x)
+    level = get_timestep_embedding(noise_levels, embedding_dim=x.shape[-1], flip_sin_to_cos=True,
+                                   downscale_freq_shift=0)
+    return torch.cat([x, level.to(x.dtype)], dim=1)
+
+
+@dataclass
+class GeneratorTrainResult:
+    pipeline: object
+    vae_psnr: float
+    unet_parameters: int
+    vae_parameters: int
+    vae_seconds: float
+    unet_seconds: float
+    final_loss: float
+
+
+def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_encoder, tokenizer,
+                    feature_extractor, work_dir: str | Path, progress: bool = True) -> GeneratorTrainResult:
+    """Train the autoencoder, then the UNet on cached latents/embeddings; assemble the unCLIP pipeline."""
+    from diffusers import StableUnCLIPImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    work_dir = Path(work_dir)
+    text_encoder.eval().requires_grad_(False)
+    image_encoder.eval().requires_grad_(False)
+
+    # 1. Autoencoder.
+    t0 = time.time()
+    vae = train_vae(cfg, pool, progress)
+    vae.requires_grad_(False)
+    vae_seconds = time.time() - t0
+    psnr = reconstruction_psnr(vae, pool.images[-256:])
+
+    # 2. Cache what the UNet sees.
+    latents = encode_latents(vae, pool.images)
+    text_states = encode_captions(text_encoder, tokenizer, pool.captions)
+    empty_text = encode_captions(text_encoder, tokenizer, [""])[0]
+    image_embeds = encode_image_embeds(image_encoder, pool.images)
+    embed_dim = image_embeds.shape[-1]
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=embed_dim)
+    with torch.no_grad():
+        normalizer.mean.copy_(image_embeds.mean(0, keepdim=True))
+        normalizer.std.copy_(image_embeds.std(0, keepdim=True))
+    train_sched, sample_sched, image_noising = noise_schedulers()
+
+    # 3. UNet + EMA.
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, latents.shape[-1], text_states.shape[-1], embed_dim)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    params = dict(unet.named_parameters())
+    ema_params = dict(ema.named_parameters())
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.unet_lr * (step + 1) / cfg.warmup_steps
+        progress_ = (step - cfg.warmup_steps) / max(1, cfg.unet_steps - cfg.warmup_steps)
+        return cfg.unet_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+    ckpt_dir = work_dir / "unet-checkpoints"
+    start = 0
+    if list_checkpoints(ckpt_dir):
+        start = load_training_state(list_checkpoints(ckpt_dir)[-1], params, opt,
+                                    extra_tensors={f"ema/{k}": v for k, v in ema_params.items()})
+    unet.train()
+    t1 = time.time()
+    loss_ema = float("nan")
+    bar = tqdm(range(start, cfg.unet_steps), desc="pretrain:unet", disable=not progress, dynamic_ncols=True,
+               initial=start, total=cfg.unet_steps)
+    for step in bar:
+        g = step_generator(cfg.seed, step)
+        b = cfg.unet_batch_size
+        idx = torch.randint(0, len(latents), (b,), generator=g)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, train_sched.config.num_train_timesteps, (b,), generator=g)
+        xt = train_sched.add_noise(x0, noise, t)
+        text = text_states[idx].float()
+        drop_text = torch.rand(b, generator=g) < cfg.p_drop_text
+        text[drop_text] = empty_text.float()
+        levels = torch.randint(0, cfg.max_image_noise_level, (b,), generator=g)
+        levels[torch.rand(b, generator=g) < 0.5] = 0  # half the time clean embeddings: the default at sampling
+        labels = image_condition(image_embeds[idx], levels, normalizer, image_noising,
+                                 torch.randn(image_embeds[idx].shape, generator=g))
+        drop_image = torch.rand(b, generator=g) < cfg.p_drop_image
+        labels[drop_image] = 0.0
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        pred = unet(xt, t, encoder_hidden_states=text, class_labels=labels).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for k, p in params.items():
+                ema_params[k].lerp_(p.detach(), 1 - decay)
+        loss_ema = loss.item() if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr_at(step):.1e}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+            save_training_state(ckpt_dir, step + 1, params, opt,
+                                extra_tensors={f"ema/{k}": v for k, v in ema_params.items()})
+    unet_seconds = time.time() - t1
+    ema.eval()
+
+    pipe = StableUnCLIPImg2ImgPipeline(
+        feature_extractor=feature_extractor, image_encoder=image_encoder, image_normalizer=normalizer,
+        image_noising_scheduler=image_noising, tokenizer=tokenizer, text_encoder=text_encoder, unet=ema,
+        scheduler=sample_sched, vae=vae,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return GeneratorTrainResult(pipe, round(psnr, 2), sum(p.numel() for p in ema.parameters()),
+                                sum(p.numel() for p in vae.parameters()), round(vae_seconds, 1),
+                                round(unet_seconds, 1), loss_ema)

@@ -1,0 +1,5 @@
+"""The procedural world genaug generates instead of downloading datasets (``genaug world``)."""
+
+from .build import WorldConfig, WorldResult, build_world
+
+__all__ = ["WorldConfig", "WorldResult", "build_world"]
