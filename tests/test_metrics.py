@@ -129,7 +129,7 @@ def test_oracle_trains_saves_loads_and_refuses_pickles(tmp_path):
     assert torch.allclose(probs.sum(dim=1), torch.ones(len(val)), atol=1e-5)
     assert float((labels == val.labels).float().mean()) == pytest.approx(result.val_accuracy)
     features = oracle.features(val.images)
-    assert features.shape == (len(val), 64)
+    assert features.shape == (len(val), oracle.model.num_features)
     again = load_oracle(tmp_path / "oracle")
     assert torch.equal(again.features(val.images), features)
     assert oracle.predict(torch.nn.functional.interpolate(val.images.float(), size=32).byte())[1].shape == probs.shape

@@ -43,26 +43,29 @@ class BasicBlock(nn.Module):
 class GenaugCNN(nn.Module):
     """A ResNet-style CNN for tiny images, following timm's model interface."""
 
-    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), depths: tuple[int, ...] = (1, 1, 1),
-                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, global_pool: str = "avg"):
+    def __init__(self, stem_channels: int = 24, channels: tuple[int, ...] = (48, 96, 192),
+                 depths: tuple[int, ...] = (1, 1, 1), num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.0, global_pool: str = "avg"):
         super().__init__()
-        if len(channels) != len(depths) or not channels:
-            raise ValueError(f"channels {channels} and depths {depths} must be non-empty and of equal length")
+        if len(channels) != len(depths) or not channels or min(depths) < 1:
+            raise ValueError(f"channels {channels} and depths {depths} must be non-empty, of equal length, "
+                             f"with depths >= 1")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.global_pool = global_pool
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True))
+        # One cheap full-resolution conv sees patterns a few pixels apart; every stage then halves
+        # the resolution, so the last one (4x4 at 32 px) sees the whole object's silhouette.
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, stem_channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True))
         stages = []
-        self.feature_info: list[dict[str, Any]] = [dict(num_chs=channels[0], reduction=1, module="stem")]
-        in_channels, reduction = channels[0], 1
+        self.feature_info: list[dict[str, Any]] = [dict(num_chs=stem_channels, reduction=1, module="stem.2")]
+        in_channels, reduction = stem_channels, 1
         for index, (width, depth) in enumerate(zip(channels, depths)):
-            stride = 1 if index == 0 else 2  # the first stage keeps full resolution
-            reduction *= stride
-            blocks = [BasicBlock(in_channels, width, stride)] + [BasicBlock(width, width) for _ in range(depth - 1)]
+            reduction *= 2
+            blocks = [BasicBlock(in_channels, width, stride=2)] + [BasicBlock(width, width) for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{index}"))
             in_channels = width
@@ -110,7 +113,7 @@ class GenaugCNN(nn.Module):
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {"num_classes": 1000, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
+    return {"num_classes": 1000, "input_size": (3, 32, 32), "pool_size": (4, 4), "crop_pct": 1.0,
             "interpolation": "bilinear", "mean": CLIP_MEAN, "std": CLIP_STD, "first_conv": "stem.0",
             "classifier": "fc", "license": "apache-2.0", **kwargs}
 
@@ -122,19 +125,21 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> GenaugCNN:
     if pretrained:
         raise ValueError(f"{variant} has no pretrained weights: it is trained from scratch by genaug")
     return build_model_with_cfg(GenaugCNN, variant, pretrained=False,
-                                feature_cfg=dict(flatten_sequential=True, out_indices=(1, 2, 3)), **kwargs)
+                                feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 @register_model
 def genaug_cnn_tiny(pretrained: bool = False, **kwargs: Any) -> GenaugCNN:
-    """~0.08M parameters: channels (16, 32, 64), one block per stage."""
-    return _create("genaug_cnn_tiny", pretrained, **dict(dict(channels=(16, 32, 64), depths=(1, 1, 1)), **kwargs))
+    """~0.16M parameters: stem 16, stages (32, 64, 96), one block each."""
+    return _create("genaug_cnn_tiny", pretrained,
+                   **dict(dict(stem_channels=16, channels=(32, 64, 96), depths=(1, 1, 1)), **kwargs))
 
 
 @register_model
 def genaug_cnn_small(pretrained: bool = False, **kwargs: Any) -> GenaugCNN:
-    """~0.3M parameters: channels (32, 64, 128), one block per stage."""
-    return _create("genaug_cnn_small", pretrained, **dict(dict(channels=(32, 64, 128), depths=(1, 1, 1)), **kwargs))
+    """~0.7M parameters: stem 24, stages (48, 96, 192), one block each."""
+    return _create("genaug_cnn_small", pretrained,
+                   **dict(dict(stem_channels=24, channels=(48, 96, 192), depths=(1, 1, 1)), **kwargs))
 
 
 __all__ = ["GenaugCNN", "BasicBlock", "genaug_cnn_tiny", "genaug_cnn_small"]

@@ -41,9 +41,6 @@ class DualEncoderConfig:
     text_width: int = option(128, "hidden size of the text transformer")
     text_layers: int = option(4, "transformer layers of the text tower")
     text_heads: int = option(4, "attention heads of the text tower")
-    sincos_positions: bool = option(True, "start the vision tower's (learned) position embeddings from a 2-D "
-                                          "sine-cosine table: a tiny ViT trained briefly learns shapes faster "
-                                          "when it need not discover the patch grid first")
     mlp_ratio: int = option(4, "MLP hidden size as a multiple of the width, in both towers")
     projection_dim: int = option(64, "size of the shared image-text embedding space")
     max_text_length: int = option(32, "tokens per caption, BOS and EOS included (longer captions are cut)")
@@ -76,8 +73,6 @@ class DualEncoderConfig:
                              f"({self.vision_heads})")
         if self.text_width % self.text_heads:
             raise ValueError(f"text_width ({self.text_width}) must be divisible by text_heads ({self.text_heads})")
-        if self.sincos_positions and self.vision_width % 4:
-            raise ValueError(f"sincos_positions needs vision_width divisible by 4, got {self.vision_width}")
         if not 3 <= self.max_text_length <= 512:
             raise ValueError(f"max_text_length must be in [3, 512], got {self.max_text_length}")
         if self.batch_size < 2:
@@ -145,32 +140,7 @@ def build_dual_encoder(cfg: DualEncoderConfig, vocab_size: int, *, bos_token_id:
     # Initialization draws from the global generator: seed a forked copy, leave the caller's alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = CLIPModel(config)
-    if cfg.sincos_positions:
-        grid = cfg.image_size // cfg.patch_size
-        with torch.no_grad():
-            table = model.vision_model.embeddings.position_embedding.weight
-            table.zero_()  # row 0 (the class token) stays zero
-            table[1:] = SINCOS_SCALE * sincos_2d(grid, cfg.vision_width)
-    return model
-
-
-# Sin-cos values have a per-dimension std of ~0.7; scaled to ~0.14, the size of the freshly
-# initialized patch embeddings' outputs, so neither drowns the other before the pre-LayerNorm.
-SINCOS_SCALE = 0.2
-
-
-def sincos_2d(grid: int, width: int) -> torch.Tensor:
-    """2-D sine-cosine position table (grid*grid, width), row-major over (y, x), as in MAE."""
-    if width % 4:
-        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {width}")
-    quarter = width // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    angles_y = ys.reshape(-1, 1) * frequencies
-    angles_x = xs.reshape(-1, 1) * frequencies
-    return torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1).float()
+        return CLIPModel(config)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -235,6 +205,21 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, scale_
     theta[:, 1, 2] = cy
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_rotate90(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each square image by a random multiple of 90 degrees (exact: no interpolation).
+
+    With a random flip this covers the 8 symmetries of the square; shapes and patterns keep their
+    names under all of them, and objects in the world are drawn at random angles anyway.
+    """
+    turns = torch.randint(0, 4, (images.shape[0],), generator=generator)
+    out = images.clone()
+    for k in range(1, 4):
+        chosen = (turns == k).nonzero().flatten()
+        if len(chosen):
+            out[chosen] = torch.rot90(images[chosen], k, dims=(2, 3))
+    return out
 
 
 # --------------------------------------------------------------------------- training
