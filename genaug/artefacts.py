@@ -473,3 +473,17 @@ def write_report(folder: str | Path, results: dict[str, Any], markdown: str) -> 
     atomic_write_json(folder / "report.json", results)
     atomic_write_text(folder / "report.md", markdown)
     return folder
+
+
+def read_report(folder: str | Path) -> dict[str, Any]:
+    """The machine-readable half of a report folder (``report.json``)."""
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        raise DataError("report.json missing", where=str(folder), fix="point at a report folder genaug wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"corrupt report ({exc})", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise DataError("report.json must hold a JSON object", where=str(path))
+    return data

@@ -90,6 +90,11 @@ def _result_dict(result: Any) -> dict[str, Any]:
     return {"result": str(result)}
 
 
+def _outputs_exist(result: dict[str, Any]) -> bool:
+    """A cached stage counts only while the files it reported are still there."""
+    return all(Path(result[k]).exists() for k in ("output", "path", "weights") if isinstance(result.get(k), str))
+
+
 def run_recipe(cfg: RecipeConfig) -> RecipeResult:
     from .cli import COMMANDS, _load
 
@@ -137,7 +142,8 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         cache_file = output / ".stages" / f"{name}.json"
         cached = json.loads(cache_file.read_text()) if cache_file.is_file() else None
         skip = cfg.only and name not in cfg.only
-        if not cfg.force and cached and cached.get("key") == key or (skip and cached):
+        current = cached is not None and cached.get("key") == key and _outputs_exist(cached.get("result", {}))
+        if (not cfg.force and current) or (skip and cached):
             outcomes.append(StageOutcome(name, command, True, 0.0, cached.get("result", {})))
             print(f"[{name}] {command}: cached")
             continue

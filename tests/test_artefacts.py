@@ -107,3 +107,20 @@ def test_safe_child_and_pickle_refusal(tmp_path):
     (tmp_path / "lora.safetensors").write_bytes(pickle.dumps({"x": 1}, protocol=2))
     with pytest.raises(ModelError, match="pickle"):
         read_safetensors(tmp_path / "lora.safetensors")
+
+
+def test_adapter_and_report_round_trip(tmp_path):
+    import torch
+
+    from genaug.artefacts import read_adapter_config, read_report, write_adapter, write_report
+
+    path = write_adapter(tmp_path / "adapters" / "x", "w.safetensors", {"a": torch.ones(2, 3)}, {"rank": 4},
+                         metadata={"note": "hi"})
+    tensors, metadata = read_safetensors(path)
+    assert torch.equal(tensors["a"], torch.ones(2, 3)) and metadata == {"note": "hi"}
+    assert read_adapter_config(tmp_path / "adapters" / "x") == {"rank": 4}
+    write_report(tmp_path / "reports" / "r", {"accuracy": 0.5}, "# r\n")
+    assert read_report(tmp_path / "reports" / "r") == {"accuracy": 0.5}
+    assert (tmp_path / "reports" / "r" / "report.md").read_text() == "# r\n"
+    with pytest.raises(DataError, match="report.json missing"):
+        read_report(tmp_path)

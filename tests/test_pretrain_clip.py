@@ -10,8 +10,9 @@ import torch
 
 from genaug.config import ConfigError, config_from_dict
 from genaug.models.tokenizer import build_clip_tokenizer
-from genaug.pretrain.clip import (DualEncoderConfig, DualEncoderResult, build_dual_encoder, export_encoders, load_dual_encoder,
-                                  random_crop_flip, tokenize_captions, train_dual_encoder)
+from genaug.pretrain.clip import (DualEncoderConfig, DualEncoderResult, build_dual_encoder, contrastive_loss,
+                                  export_encoders, load_dual_encoder, random_crop_flip, random_rotate90,
+                                  tokenize_captions, train_dual_encoder)
 from genaug.pretrain.data import ImageSplit, clip_normalize
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
@@ -172,3 +173,17 @@ def test_random_crop_flip_keeps_shape_and_can_be_identity():
     mirrored = [torch.allclose(a, images[i].flip(-1), atol=1e-5) or torch.allclose(a, images[i], atol=1e-5)
                 for i, a in enumerate(flipped)]
     assert all(mirrored)
+    rotated = random_rotate90(images, torch.Generator().manual_seed(2))
+    assert all(any(torch.equal(r, torch.rot90(images[i], k, dims=(1, 2))) for k in range(4))
+               for i, r in enumerate(rotated))
+
+
+def test_contrastive_loss_equals_clip_models_own(toy, tokenizer):
+    model = build_dual_encoder(tiny_config(), len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = tokenizer(toy.captions[:6], padding=True, return_tensors="pt")["input_ids"]
+    pixels = clip_normalize(toy.images[:6])
+    expected = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+    assert torch.allclose(contrastive_loss(model, ids, pixels), expected, atol=1e-6)
+    # Under bf16 autocast only the towers lose precision; the loss stays close.
+    assert abs(float(contrastive_loss(model, ids, pixels, bf16=True)) - float(expected)) < 0.05

@@ -39,6 +39,13 @@ def test_recipe_runs_then_caches_then_reruns_downstream(tmp_path):
     assert [s.cached for s in third.stages] == [True, False]
     assert third.stages[1].result["generated"] == 2  # the 4 earlier images were kept
     assert json.loads((out / "run" / "metrics.json").read_text())["stages"]
+    # A stage whose output was deleted is rerun, even though its config did not change.
+    import shutil
+
+    shutil.rmtree(out / "data")
+    fourth = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    assert [s.cached for s in fourth.stages] == [True, False]
+    assert len(load_hf_dataset(out / "data")["train"]) == 6
 
 
 @pytest.mark.parametrize("text,msg", [

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..artefacts import atomic_write_json
 from ..config import config_to_dict, option
+from ..errors import ModelError
 from .data import CLIP_MEAN, CLIP_STD, ImageSplit
 
 DUAL_ENCODER_JSON = "genaug_dual_encoder.json"
@@ -58,6 +59,8 @@ class DualEncoderConfig:
                                         "(mild: captions name the object's size; 1 turns cropping off)")
     horizontal_flip: bool = option(True, "flip images left-right at random (shape and pattern names are "
                                          "flip-invariant)")
+    bf16: bool = option(True, "train under bfloat16 autocast where the CPU or GPU computes bf16 natively "
+                              "(weights and the loss stay float32); ignored elsewhere")
     seed: int = option(0, "seed of initialization, batch order and augmentation")
     progress: bool = option(True, "show a progress bar with the loss")
 
@@ -223,6 +226,37 @@ def random_rotate90(images: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 # --------------------------------------------------------------------------- training
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (emulated bf16 on older CPUs is slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def bf16_autocast(enabled: bool, device: torch.device):
+    """A bfloat16 autocast context when asked for and native on ``device``, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
+
+
+def contrastive_loss(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss with the model's learnable temperature.
+
+    The same value as ``model(..., return_loss=True).loss``, but only the towers run under bf16
+    autocast: the normalized similarities and the softmax stay float32, where bf16's 8-bit
+    mantissa would blur the small logit gaps between near-duplicate captions.
+    """
+    with bf16_autocast(bf16, pixel_values.device):
+        image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
+        text_embeds = model.get_text_features(input_ids=input_ids).pooler_output
+    image_embeds = F.normalize(image_embeds.float(), dim=-1)
+    text_embeds = F.normalize(text_embeds.float(), dim=-1)
+    logits_per_text = model.logit_scale.exp() * text_embeds @ image_embeds.T
+    targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
+    return 0.5 * (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.T, targets))
+
+
 def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All captions as ``(input_ids (N, max_length), lengths (N,))``; padding is the tokenizer's pad id."""
     encoded = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length,
@@ -230,9 +264,12 @@ def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[
     return encoded["input_ids"], encoded["attention_mask"].sum(dim=1)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Decay weight matrices only: decaying LayerNorm gains, biases, position/token embeddings or
-    # the temperature would pull them toward meaningless zeros.
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups that decay weight matrices and conv kernels only.
+
+    Decaying norm gains, biases, position/token embeddings or the temperature would pull them
+    toward meaningless zeros.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.ndim >= 2 and "embedding" not in name:
@@ -255,7 +292,8 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
     """Train a dual encoder on ``pool``'s image-caption pairs and save it to ``out_dir``.
 
     ``eval_split`` (held-out captioned images) is scored after training: text-to-image recall@1/5/10
-    and zero-shot accuracy over its class names. Same config, data and seed give the same weights.
+    and zero-shot accuracy over its class names. Same config, data, seed and thread count give the
+    same weights. The tokenizer's ``model_max_length`` is set to ``cfg.max_text_length``.
     """
     from ..evaluate.metrics import clip_image_features, clip_text_features, recall_at_k, zero_shot_accuracy
 
@@ -273,7 +311,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(0.9, 0.98), eps=1e-6)
     generator = torch.Generator().manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, len(pool))
@@ -298,7 +336,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
         ids = input_ids[index, : int(lengths[index].max())]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        loss = contrastive_loss(model, ids, pixels, bf16=cfg.bf16)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -327,7 +365,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
 
     result = DualEncoderResult(out_dir=str(out_dir), steps=cfg.steps, seconds=round(train_seconds, 2),
                                num_parameters=count_parameters(model), final_loss=history[-1][1] if history else
-                               float("nan"), logit_scale=float(model.logit_scale.exp()), loss_history=history,
+                               float("nan"), logit_scale=float(model.logit_scale.detach().exp()), loss_history=history,
                                eval_metrics=metrics)
     save_dual_encoder(model, tokenizer, out_dir, cfg, result)
     return result
@@ -357,8 +395,6 @@ def load_dual_encoder(folder: str | Path):
     """``(CLIPModel, CLIPTokenizer)`` from a saved folder, in eval mode; weights from safetensors only."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    from ..errors import ModelError
-
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise ModelError("no model.safetensors in the folder", where=str(folder),
@@ -370,4 +406,4 @@ def load_dual_encoder(folder: str | Path):
 
 __all__ = ["DualEncoderConfig", "DualEncoderResult", "build_dual_encoder", "train_dual_encoder", "export_encoders",
            "save_dual_encoder", "load_dual_encoder", "build_image_processor", "random_crop_flip",
-           "tokenize_captions", "count_parameters"]
+           "random_rotate90", "contrastive_loss", "tokenize_captions", "count_parameters", "param_groups", "bf16_autocast"]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..artefacts import atomic_write_bytes, atomic_write_json
 from ..config import config_to_dict, option
 from ..errors import DataError, ModelError
-from .clip import random_crop_flip
+from .clip import bf16_autocast, param_groups, random_crop_flip, random_rotate90
 from .data import CLIP_MEAN, CLIP_STD, ImageSplit
 
 ORACLE_FORMAT = "genaug-oracle"
@@ -37,17 +37,20 @@ class OracleConfig:
 
     arch: str = option("genaug_cnn_small", "timm architecture (genaug_cnn_tiny, genaug_cnn_small or any timm "
                                            "model name; always trained from scratch)")
-    epochs: int = option(30, "passes over the training images")
-    batch_size: int = option(128, "images per SGD step")
-    learning_rate: float = option(0.1, "peak SGD (Nesterov momentum 0.9) learning rate, decayed by a cosine")
+    epochs: int = option(60, "passes over the training images")
+    batch_size: int = option(64, "images per optimizer step")
+    learning_rate: float = option(3e-3, "peak AdamW learning rate, decayed to zero by a cosine")
     warmup_epochs: float = option(1.0, "epochs of linear warmup before the cosine")
-    weight_decay: float = option(5e-4, "SGD weight decay")
+    weight_decay: float = option(0.05, "AdamW weight decay on conv and linear weights")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing")
     crop_scale_min: float = option(0.7, "random resized crop keeps at least this fraction of the image area "
                                         "(1 turns cropping off)")
     horizontal_flip: bool = option(True, "flip left-right at random (shapes and patterns are flip-invariant)")
+    rotate90: bool = option(True, "rotate by a random multiple of 90 degrees (objects are drawn at any angle)")
     permute_channels: bool = option(True, "shuffle the RGB channels at random: colour is a nuisance, never "
                                           "the class, and generated images may get colours wrong")
+    bf16: bool = option(True, "train under bfloat16 autocast where the CPU or GPU computes bf16 natively "
+                              "(about 1.5x faster on AVX512-BF16 CPUs); ignored elsewhere")
     seed: int = option(0, "seed of initialization, batch order and augmentation")
     progress: bool = option(True, "show a progress bar")
 
@@ -146,6 +149,7 @@ def _create_model(arch: str, num_classes: int) -> torch.nn.Module:
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to ``peak``, then a cosine down to zero."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -155,6 +159,8 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 def _augment(images_uint8: torch.Tensor, cfg: OracleConfig, generator: torch.Generator) -> torch.Tensor:
     x = random_crop_flip(images_uint8.float() / 255.0, generator, scale_min=cfg.crop_scale_min,
                          flip=cfg.horizontal_flip)
+    if cfg.rotate90 and x.shape[-1] == x.shape[-2]:
+        x = random_rotate90(x, generator)
     if cfg.permute_channels:
         # One of the 6 RGB orders per image, gathered in a single indexing op.
         orders = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
@@ -182,8 +188,8 @@ def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir:
     model = model.to(memory_format=torch.channels_last)
     oracle = Oracle(model, train.class_names, image_size)
     mean, std = oracle.mean, oracle.std
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=0.9, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+    # AdamW over SGD: on a few thousand steps it learns the shapes markedly faster here.
     generator = torch.Generator().manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, len(train))
     steps_per_epoch = len(train) // batch_size  # the ragged tail is dropped: BatchNorm dislikes tiny batches
@@ -203,7 +209,9 @@ def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir:
                 memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total, warmup, cfg.learning_rate)
-            loss = F.cross_entropy(model(x), train.labels[index], label_smoothing=cfg.label_smoothing)
+            with bf16_autocast(cfg.bf16, x.device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), train.labels[index], label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
