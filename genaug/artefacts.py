@@ -454,17 +454,21 @@ def read_safetensors(path: str | Path) -> tuple[dict, dict[str, str]]:
     return tensors, metadata
 
 
-def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / ADAPTER_CONFIG
+def read_json_object(path: Path, what: str, error: type[Exception] = DataError) -> dict[str, Any]:
+    """A JSON object from ``path``, or one clear ``error`` naming ``what`` it should have been."""
     if not path.is_file():
-        raise ModelError(f"{ADAPTER_CONFIG} missing", where=str(folder), fix="point at an adapter folder genaug wrote")
+        raise error(f"{path.name} missing", where=str(path.parent), fix=f"point at a {what} folder genaug wrote")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"corrupt adapter config ({exc})", where=str(path)) from None
+        raise error(f"corrupt {what} file ({exc})", where=str(path)) from None
     if not isinstance(data, dict):
-        raise ModelError("adapter config must be a JSON object", where=str(path))
+        raise error(f"{path.name} must hold a JSON object", where=str(path))
     return data
+
+
+def read_adapter_config(folder: str | Path) -> dict[str, Any]:
+    return read_json_object(Path(folder) / ADAPTER_CONFIG, "adapter", ModelError)
 
 
 def write_report(folder: str | Path, results: dict[str, Any], markdown: str) -> Path:
@@ -477,13 +481,4 @@ def write_report(folder: str | Path, results: dict[str, Any], markdown: str) -> 
 
 def read_report(folder: str | Path) -> dict[str, Any]:
     """The machine-readable half of a report folder (``report.json``)."""
-    path = Path(folder) / "report.json"
-    if not path.is_file():
-        raise DataError("report.json missing", where=str(folder), fix="point at a report folder genaug wrote")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"corrupt report ({exc})", where=str(path)) from None
-    if not isinstance(data, dict):
-        raise DataError("report.json must hold a JSON object", where=str(path))
-    return data
+    return read_json_object(Path(folder) / "report.json", "report")
