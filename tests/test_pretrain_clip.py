@@ -104,7 +104,8 @@ def test_pooling_uses_the_first_eos_of_the_pruned_tokenizer(tokenizer):
     model = build_dual_encoder(tiny_config(), len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).eval()
     assert model.config.text_config.eos_token_id == tokenizer.eos_token_id == len(tokenizer) - 1
-    ids, lengths = tokenize_captions(tokenizer, ["a red square", "a large blue square a large blue square a large blue square"], 16)
+    long_caption = " ".join(["a large blue square"] * 3)  # 14 words: cut at 16 tokens
+    ids, lengths = tokenize_captions(tokenizer, ["a red square", long_caption], 16)
     assert ids[0, 0] == tokenizer.bos_token_id and ids[0, lengths[0] - 1] == tokenizer.eos_token_id
     assert ids[1, -1] == tokenizer.eos_token_id  # a caption cut at max length still ends with EOS
     with torch.no_grad():

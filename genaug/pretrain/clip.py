@@ -406,4 +406,5 @@ def load_dual_encoder(folder: str | Path):
 
 __all__ = ["DualEncoderConfig", "DualEncoderResult", "build_dual_encoder", "train_dual_encoder", "export_encoders",
            "save_dual_encoder", "load_dual_encoder", "build_image_processor", "random_crop_flip",
-           "random_rotate90", "contrastive_loss", "tokenize_captions", "count_parameters", "param_groups", "bf16_autocast"]
+           "random_rotate90", "contrastive_loss", "tokenize_captions", "count_parameters", "param_groups",
+           "bf16_autocast", "native_bf16"]
