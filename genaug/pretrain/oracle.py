@@ -8,7 +8,6 @@ image size, normalization). :func:`load_oracle` reads only safetensors weights.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_bytes, atomic_write_json
+from ..artefacts import atomic_write_bytes, atomic_write_json, read_json_object
 from ..config import config_to_dict, option
 from ..errors import DataError, ModelError
 from .clip import bf16_autocast, param_groups, random_crop_flip, random_rotate90
@@ -261,14 +260,12 @@ def load_oracle(folder: str | Path, device: str | torch.device = "cpu") -> Oracl
 
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ModelError(f"an oracle folder needs {CONFIG} and {WEIGHTS}", where=str(folder),
-                         fix="train one with genaug pretrain (an interrupted run leaves no config.json)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"corrupt {CONFIG} ({exc})", where=str(config_path), fix="retrain the oracle") from None
-    if not isinstance(config, dict) or config.get("format") != ORACLE_FORMAT:
+    if not weights_path.is_file():
+        raise ModelError(f"an oracle folder needs {WEIGHTS}", where=str(folder),
+                         fix="train one with genaug pretrain (only safetensors weights are loaded)")
+    # config.json is written last, so its absence also marks an interrupted training run.
+    config = read_json_object(config_path, "oracle", ModelError)
+    if config.get("format") != ORACLE_FORMAT:
         raise ModelError("not a genaug oracle config", where=str(config_path))
     class_names = config.get("class_names")
     if not isinstance(class_names, list) or config.get("num_classes") != len(class_names):
