@@ -40,6 +40,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "genaug.personalize.lora:LoraTrainConfig", "genaug.personalize.lora:train_lora"),
     Command("synth", "generate a synthetic training set with a diffusion model",
             "genaug.generate.synth:SynthConfig", "genaug.generate.synth:synthesize"),
+    Command("index", "embed an image pool and index it with faiss (`genaug index build`, `genaug index info`)",
+            "genaug.retrieve.index:IndexConfig", "genaug.retrieve.index:build_index"),
+    Command("retrieve", "retrieve per-class images from an indexed pool (the retrieval baseline)",
+            "genaug.retrieve.retrieve:RetrieveConfig", "genaug.retrieve.retrieve:retrieve"),
     Command("run", "run a recipe (pipelines/*.yaml) stage by stage, reusing unchanged stages",
             "genaug.recipes:RecipeConfig", "genaug.recipes:run_recipe"),
 ]}

@@ -189,3 +189,75 @@ def test_contrastive_loss_equals_clip_models_own(toy, tokenizer):
         assert torch.allclose(contrastive_loss(model, ids, pixels), expected, atol=1e-6)
         # Under bf16 autocast only the towers lose precision; the loss stays close.
         assert abs(float(contrastive_loss(model, ids, pixels, bf16=True)) - float(expected)) < 0.05
+
+
+def test_attribute_swapped_caption_replaces_the_main_objects_word():
+    from genaug.pretrain.clip import attribute_swapped_caption
+
+    shapes, patterns = ["circle", "semicircle", "square"], ["plain", "striped", "dotted"]
+    rng = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        out = attribute_swapped_caption("a red striped circle next to a blue circle", "circle", "striped", shapes,
+                                        patterns, rng)
+        assert out.endswith("next to a blue circle")  # the second object is never touched
+        head = out[: -len(" next to a blue circle")]
+        assert head != "a red striped circle"
+        assert head in {f"a red {p} {s}" for p in patterns for s in shapes}
+        assert sum(w != v for w, v in zip(head.split(), "a red striped circle".split())) == 1
+        seen.add(head)
+    assert len(seen) >= 3  # both shape and pattern swaps happen
+    # "circle" inside "semicircle" is not the word "circle".
+    assert attribute_swapped_caption("a semicircle", "circle", "plain", shapes, patterns, rng) is None
+    # A plain object whose caption leaves "plain" unsaid gets a pattern word inserted, or a new shape.
+    outs = {attribute_swapped_caption("a red square on sand", "square", "plain", shapes, patterns, rng)
+            for _ in range(30)}
+    assert outs <= {"a red striped square on sand", "a red dotted square on sand", "a red circle on sand",
+                    "a red semicircle on sand"}
+    assert "a red striped square on sand" in outs and "a red circle on sand" in outs
+
+
+def test_hard_negatives_join_the_image_to_text_softmax_only(toy, tokenizer):
+    model = build_dual_encoder(tiny_config(), len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = tokenizer(toy.captions[:6], padding=True, return_tensors="pt")["input_ids"]
+    negative_ids = tokenizer(toy.captions[6:12], padding=True, return_tensors="pt")["input_ids"]
+    pixels = clip_normalize(toy.images[:6])
+    with torch.no_grad():
+        plain = contrastive_loss(model, ids, pixels)
+        with_negatives = contrastive_loss(model, ids, pixels, negative_ids=negative_ids)
+    # Extra negatives only add terms to the image-to-text denominators: the loss can only grow.
+    assert float(with_negatives) > float(plain)
+
+
+def test_hard_negative_captions_need_attribute_labels(toy):
+    from genaug.pretrain.clip import hard_negative_captions
+
+    assert hard_negative_captions(toy, 0) is None  # the toy records carry no shape/pattern labels
+    labelled = ImageSplit(toy.images, toy.labels, toy.captions, toy.class_names,
+                          [{"shape": "square", "pattern": "plain"} for _ in toy.captions])
+    negatives = hard_negative_captions(labelled, 0)
+    assert len(negatives) == len(toy.captions)
+    assert all(n != c for n, c in zip(negatives, toy.captions))
+    assert negatives == hard_negative_captions(labelled, 0)  # seeded
+
+
+def test_attribute_loss_and_hard_negatives_train(tmp_path, toy, tokenizer):
+    # Captions are "a <size> <colour> square".
+    records = [{"shape": "square", "pattern": "plain", "size": c.split()[1], "colour": c.split()[2]}
+               for c in toy.captions]
+    labelled = ImageSplit(toy.images, toy.labels, toy.captions, toy.class_names, records)
+    cfg = tiny_config(steps=4, attribute_keys=["size", "colour", "missing"], attribute_loss_weight=1.0)
+    result = train_dual_encoder(cfg, labelled, tokenizer, tmp_path / "clip")
+    assert np.isfinite(result.final_loss)
+    model, _ = load_dual_encoder(tmp_path / "clip")
+    assert not any("head" in name for name in model.state_dict())  # auxiliary heads are not shipped
+
+
+def test_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    import genaug.pretrain.clip as clip
+
+    monkeypatch.setattr(clip, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+    assert not clip.native_bf16(torch.device("cpu"))  # oneDNN would emulate it, ~2x slower
+    monkeypatch.setattr(clip, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert clip.native_bf16(torch.device("cpu"))

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artefacts import METADATA, DatasetWriter, GenaugDataset, read_dataset, read_metadata_lines, slugify
+from ..budget import check_budget, images_per_class_budget
 from ..config import option
 from ..errors import ConfigError
 from ..models.loading import default_resolution, load_pipeline, pipeline_family
@@ -56,15 +57,8 @@ class SynthConfig:
     xformers: bool = option(False, "use xformers attention (CUDA only; torch SDPA is the default)")
 
     def __post_init__(self) -> None:
-        budgets = [b for b in (self.images_per_class, self.per_real, self.balance_to) if b]
-        if any(b < 0 for b in (self.images_per_class, self.per_real, self.balance_to)):
-            raise ValueError("budgets (images_per_class, per_real, balance_to) must not be negative")
-        if len(budgets) > 1:
-            raise ValueError("set only one budget: images_per_class, per_real or balance_to")
-        if not budgets:
-            self.images_per_class = 8
-        if (self.per_real or self.balance_to) and not self.real_data:
-            raise ValueError("per_real and balance_to need real_data")
+        self.images_per_class = check_budget(self.images_per_class, self.per_real, self.balance_to,
+                                             bool(self.real_data))
         if not self.real_data and not self.class_names:
             raise ValueError("give real_data or class_names")
         for name in ("guidance_scale",):
@@ -106,11 +100,8 @@ class SynthResult:
 def class_budget(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | None) -> list[int]:
     """How many synthetic images each class gets under the configured budget."""
     counts = real.class_counts().tolist() if real is not None else [0] * len(class_names)
-    if cfg.per_real:
-        return [cfg.per_real * c for c in counts]
-    if cfg.balance_to:
-        return [max(0, cfg.balance_to - c) for c in counts]
-    return [cfg.images_per_class] * len(class_names)
+    return images_per_class_budget(counts, images_per_class=cfg.images_per_class, per_real=cfg.per_real,
+                                   balance_to=cfg.balance_to)
 
 
 def plan_text(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | None) -> list[SynthItem]:

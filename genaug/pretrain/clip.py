@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,14 @@ class DualEncoderConfig:
     max_logit_scale: float = option(100.0, "upper bound on the learned inverse temperature (CLIP's 100)")
     crop_scale_min: float = option(0.8, "random resized crop keeps at least this fraction of the image area "
                                         "(mild: captions name the object's size; 1 turns cropping off)")
+    hard_negatives: bool = option(True, "add one attribute-swapped caption per image as an extra negative "
+                                        "(NegCLIP): the main object's shape or pattern word replaced by another "
+                                        "one from the pool; needs 'shape'/'pattern' labels in the pool metadata")
+    attribute_loss_weight: float = option(0.5, "weight of an auxiliary loss that classifies the main object's "
+                                               "labelled attributes (attribute_keys) from the image embedding; "
+                                               "a ViT this small learns shape far faster with it (0 turns it off)")
+    attribute_keys: list[str] = option(help="pool metadata keys the auxiliary loss predicts (when present)",
+                                       factory=lambda: ["shape", "pattern"])
     horizontal_flip: bool = option(True, "flip images left-right at random (shape and pattern names are "
                                          "flip-invariant)")
     bf16: bool = option(True, "train under bfloat16 autocast where the CPU or GPU computes bf16 natively "
@@ -86,6 +95,8 @@ class DualEncoderConfig:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.attribute_loss_weight < 0:
+            raise ValueError(f"attribute_loss_weight must be non-negative, got {self.attribute_loss_weight}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be non-negative")
         if not 0.0 < self.init_temperature < 1.0:
@@ -227,12 +238,27 @@ def random_rotate90(images: torch.Tensor, generator: torch.Generator) -> torch.T
 
 # --------------------------------------------------------------------------- training
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (emulated bf16 on older CPUs is slower than fp32)."""
+    """Whether ``device`` computes bfloat16 natively (emulated bf16 on older CPUs is slower than fp32).
+
+    oneDNN reports bf16 "supported" on any AVX-512 CPU, where it is emulated and ~2x slower than
+    float32 (measured); only AVX512_BF16 or AMX make it pay, so the CPU flags decide.
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
     return False
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def bf16_autocast(enabled: bool, device: torch.device):
@@ -240,21 +266,106 @@ def bf16_autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
 
 
-def contrastive_loss(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE loss with the model's learnable temperature.
+def contrastive_loss(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, bf16: bool = False,
+                     negative_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss (see :func:`contrastive_loss_and_embeds`)."""
+    return contrastive_loss_and_embeds(model, input_ids, pixel_values, bf16=bf16, negative_ids=negative_ids)[0]
 
-    The same value as ``model(..., return_loss=True).loss``, but only the towers run under bf16
-    autocast: the normalized similarities and the softmax stay float32, where bf16's 8-bit
-    mantissa would blur the small logit gaps between near-duplicate captions.
+
+def contrastive_loss_and_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, bf16: bool = False,
+                                negative_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's symmetric InfoNCE loss with the model's learnable temperature, and the unit image embeddings.
+
+    Without ``negative_ids`` it is the value of ``model(..., return_loss=True).loss``, but only the
+    towers run under bf16 autocast: the normalized similarities and the softmax stay float32, where
+    bf16's 8-bit mantissa would blur the small logit gaps between near-duplicate captions.
+    ``negative_ids`` (NegCLIP) are extra captions that describe no image of the batch; they join the
+    image-to-text softmax as negatives only.
     """
     with bf16_autocast(bf16, pixel_values.device):
         image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
-        text_embeds = model.get_text_features(input_ids=input_ids).pooler_output
+        if negative_ids is not None:
+            # One text pass for both: pad the shorter id block with its own last column (padding).
+            width = max(input_ids.shape[1], negative_ids.shape[1])
+            both = torch.cat([_pad_ids(input_ids, width), _pad_ids(negative_ids, width)])
+            all_text = model.get_text_features(input_ids=both).pooler_output
+            text_embeds, negative_embeds = all_text[: len(input_ids)], all_text[len(input_ids):]
+        else:
+            text_embeds = model.get_text_features(input_ids=input_ids).pooler_output
     image_embeds = F.normalize(image_embeds.float(), dim=-1)
     text_embeds = F.normalize(text_embeds.float(), dim=-1)
-    logits_per_text = model.logit_scale.exp() * text_embeds @ image_embeds.T
+    scale = model.logit_scale.exp()
+    logits_per_text = scale * text_embeds @ image_embeds.T
     targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
-    return 0.5 * (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.T, targets))
+    logits_per_image = logits_per_text.T
+    if negative_ids is not None:
+        negatives = F.normalize(negative_embeds.float(), dim=-1)
+        logits_per_image = torch.cat([logits_per_image, scale * image_embeds @ negatives.T], dim=1)
+    loss = 0.5 * (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_image, targets))
+    return loss, image_embeds
+
+
+def _pad_ids(ids: torch.Tensor, width: int) -> torch.Tensor:
+    if ids.shape[1] >= width:
+        return ids
+    return torch.cat([ids, ids[:, -1:].expand(-1, width - ids.shape[1])], dim=1)
+
+
+def attribute_swapped_caption(caption: str, shape: str, pattern: str, shapes: list[str], patterns: list[str],
+                              rng: torch.Generator) -> str | None:
+    """``caption`` with its main object's shape or pattern word replaced by another one (a NegCLIP negative).
+
+    The main object is named first in every caption, so the first whole-word match is its word. A
+    plain object whose caption leaves "plain" unsaid gets a pattern word put before its shape.
+    Returns None when the caption does not name ``shape`` (nothing safe to swap).
+    """
+    match = re.search(rf"\b(?:(\w+) )?{re.escape(shape)}\b", caption)
+    if match is None:
+        return None
+    other_shapes = [s for s in shapes if s != shape]
+    other_patterns = [p for p in patterns if p != pattern]
+    swap_shape = not other_patterns or (other_shapes and torch.rand(1, generator=rng).item() < 0.5)
+    if swap_shape:
+        if not other_shapes:
+            return None
+        new = other_shapes[int(torch.randint(len(other_shapes), (1,), generator=rng))]
+        start, end = match.start() + (len(match.group(1)) + 1 if match.group(1) else 0), match.end()
+        return caption[:start] + new + caption[end:]
+    new = other_patterns[int(torch.randint(len(other_patterns), (1,), generator=rng))]
+    if match.group(1) == pattern:  # "red striped circle" -> "red dotted circle"
+        return caption[:match.start()] + new + caption[match.start() + len(pattern):]
+    start = match.end() - len(shape)  # pattern left unsaid: "red circle" -> "red dotted circle"
+    return caption[:start] + new + " " + caption[start:]
+
+
+def attribute_targets(split: ImageSplit, keys: list[str]) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """``{key: (value names, per-image value index)}`` for each of ``keys`` every record of ``split`` carries."""
+    targets = {}
+    for key in keys:
+        if split.records and all(key in r for r in split.records):
+            values = sorted({str(r[key]) for r in split.records})
+            lookup = {v: i for i, v in enumerate(values)}
+            targets[key] = (values, torch.tensor([lookup[str(r[key])] for r in split.records]))
+    return targets
+
+
+def hard_negative_captions(split: ImageSplit, seed: int) -> list[str] | None:
+    """One attribute-swapped caption per image of ``split``, or None when it lacks shape/pattern labels.
+
+    Images whose caption cannot be swapped keep their own caption as a stand-in negative: the
+    positive is then also present among the negatives, which only weakens that one term.
+    """
+    if not split.records or not all("shape" in r and "pattern" in r for r in split.records):
+        return None
+    shapes = sorted({str(r["shape"]) for r in split.records})
+    patterns = sorted({str(r["pattern"]) for r in split.records})
+    rng = torch.Generator().manual_seed(seed + 7919)
+    negatives = []
+    for caption, record in zip(split.captions, split.records):
+        swapped = attribute_swapped_caption(caption, str(record["shape"]), str(record["pattern"]), shapes, patterns,
+                                            rng)
+        negatives.append(caption if swapped is None else swapped)
+    return negatives
 
 
 def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,12 +399,14 @@ def _lr_at(step: int, cfg: DualEncoderConfig) -> float:
 
 
 def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_dir: str | Path,
-                       eval_split: ImageSplit | None = None) -> DualEncoderResult:
+                       eval_split: ImageSplit | None = None,
+                       device: str | torch.device = "cpu") -> DualEncoderResult:
     """Train a dual encoder on ``pool``'s image-caption pairs and save it to ``out_dir``.
 
     ``eval_split`` (held-out captioned images) is scored after training: text-to-image recall@1/5/10
     and zero-shot accuracy over its class names. Same config, data, seed and thread count give the
-    same weights. The tokenizer's ``model_max_length`` is set to ``cfg.max_text_length``.
+    same weights. The tokenizer's ``model_max_length`` is set to ``cfg.max_text_length``. Batches
+    are drawn and augmented on the CPU and trained on ``device``; the saved model is on the CPU.
     """
     from ..evaluate.metrics import clip_image_features, clip_text_features, recall_at_k, zero_shot_accuracy
 
@@ -307,12 +420,23 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
     tokenizer.init_kwargs["model_max_length"] = cfg.max_text_length  # so save_pretrained keeps it
     model = build_dual_encoder(cfg, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    device = torch.device(device)
+    model.to(device)
     input_ids, lengths = tokenize_captions(tokenizer, pool.captions, cfg.max_text_length)
+    negatives = hard_negative_captions(pool, cfg.seed) if cfg.hard_negatives else None
+    if negatives is not None:
+        negative_ids, negative_lengths = tokenize_captions(tokenizer, negatives, cfg.max_text_length)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    # Auxiliary attribute heads read the unit image embedding; they are dropped after training.
+    attributes = attribute_targets(pool, cfg.attribute_keys) if cfg.attribute_loss_weight > 0 else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        heads = torch.nn.ModuleDict({key: torch.nn.Linear(cfg.projection_dim, len(values))
+                                     for key, (values, _) in attributes.items()}).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay) + [{"params": list(heads.parameters()),
+                                  "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6)
     generator = torch.Generator().manual_seed(cfg.seed)
     batch_size = min(cfg.batch_size, len(pool))
     max_log_scale = math.log(cfg.max_logit_scale)
@@ -330,17 +454,26 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
         cursor += batch_size
         pixels = random_crop_flip(pool.images[index].float() / 255.0, generator, scale_min=cfg.crop_scale_min,
                                   flip=cfg.horizontal_flip)
-        pixels = (pixels - mean) / std
+        pixels = ((pixels - mean) / std).to(device)
         # Every caption ends at its first EOS and the mask is causal, so the padding past the
         # batch's longest caption cannot change a pooled feature: cut it off to save compute.
-        ids = input_ids[index, : int(lengths[index].max())]
+        ids = input_ids[index, : int(lengths[index].max())].to(device)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        loss = contrastive_loss(model, ids, pixels, bf16=cfg.bf16)
+        negative_batch = None
+        if negatives is not None:
+            negative_batch = negative_ids[index, : int(negative_lengths[index].max())].to(device)
+        loss, image_embeds = contrastive_loss_and_embeds(model, ids, pixels, bf16=cfg.bf16,
+                                                         negative_ids=negative_batch)
+        for key, (_, labels) in attributes.items():
+            # The head sees a temperature-free unit embedding: scale its logits like CLIP's.
+            logits = heads[key](image_embeds) * 10.0
+            target = labels[index].to(device)
+            loss = loss + cfg.attribute_loss_weight / len(attributes) * F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), cfg.grad_clip)
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, max_log_scale)
@@ -350,7 +483,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
             history.append((step, round(value, 5)))
             bar.set_postfix(loss=f"{smoothed:.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}", refresh=False)
     bar.close()
-    model.eval()
+    model.to("cpu").eval()
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, float] = {}
@@ -406,5 +539,7 @@ def load_dual_encoder(folder: str | Path):
 
 __all__ = ["DualEncoderConfig", "DualEncoderResult", "build_dual_encoder", "train_dual_encoder", "export_encoders",
            "save_dual_encoder", "load_dual_encoder", "build_image_processor", "random_crop_flip",
-           "random_rotate90", "contrastive_loss", "tokenize_captions", "count_parameters", "param_groups",
+           "random_rotate90", "contrastive_loss", "contrastive_loss_and_embeds", "attribute_targets",
+           "attribute_swapped_caption", "hard_negative_captions", "tokenize_captions", "count_parameters",
+           "param_groups",
            "bf16_autocast", "native_bf16"]

@@ -81,10 +81,10 @@ def build_vae(cfg: GeneratorConfig, image_size: int):
     )
 
 
-def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True):
-    """Reconstruction (L1 + L2) with a light KL; returns the VAE with its latent scaling factor set."""
+def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True, device: str | torch.device = "cpu"):
+    """Reconstruction (L1 + L2) with a light KL; returns the VAE (on ``device``) with its latent scaling set."""
     torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg, pool.images.shape[-1])
+    vae = build_vae(cfg, pool.images.shape[-1]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
     vae.train()
@@ -92,9 +92,9 @@ def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True):
     for step in bar:
         g = step_generator(cfg.seed + 17, step)
         idx = torch.randint(0, len(pool), (cfg.vae_batch_size,), generator=g)
-        x = to_unit(pool.images[idx])
+        x = to_unit(pool.images[idx]).to(device)
         dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
         kl = dist.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
@@ -112,16 +112,17 @@ def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True):
 
 @torch.no_grad()
 def encode_latents(vae, images_uint8: torch.Tensor, scaling: float | None = None, batch: int = 512) -> torch.Tensor:
-    """Posterior means (scaled), batch by batch: what the UNet trains on."""
+    """Posterior means (scaled), batch by batch, on the CPU: what the UNet trains on."""
     scaling = vae.config.scaling_factor if scaling is None else scaling
-    out = [vae.encode(to_unit(images_uint8[i : i + batch])).latent_dist.mean * scaling
+    device = next(vae.parameters()).device
+    out = [(vae.encode(to_unit(images_uint8[i : i + batch]).to(device)).latent_dist.mean * scaling).cpu()
            for i in range(0, len(images_uint8), batch)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def reconstruction_psnr(vae, images_uint8: torch.Tensor) -> float:
-    x = to_unit(images_uint8)
+    x = to_unit(images_uint8).to(next(vae.parameters()).device)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
     return 10 * math.log10(1.0 / max(mse, 1e-12))
@@ -135,13 +136,14 @@ def encode_captions(text_encoder, tokenizer, captions: list[str], batch: int = 1
     for i in range(0, len(captions), batch):
         ids = tokenizer(captions[i : i + batch], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
-        out.append(text_encoder(ids)[0].half())
+        out.append(text_encoder(ids.to(text_encoder.device))[0].half().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def encode_image_embeds(image_encoder, images_uint8: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    return torch.cat([image_encoder(clip_normalize(images_uint8[i : i + batch])).image_embeds
+    device = image_encoder.device
+    return torch.cat([image_encoder(clip_normalize(images_uint8[i : i + batch]).to(device)).image_embeds.cpu()
                       for i in range(0, len(images_uint8), batch)])
 
 
@@ -197,18 +199,24 @@ class GeneratorTrainResult:
 
 
 def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_encoder, tokenizer,
-                    feature_extractor, work_dir: str | Path, progress: bool = True) -> GeneratorTrainResult:
-    """Train the autoencoder, then the UNet on cached latents/embeddings; assemble the unCLIP pipeline."""
+                    feature_extractor, work_dir: str | Path, progress: bool = True,
+                    device: str | torch.device = "cpu") -> GeneratorTrainResult:
+    """Train the autoencoder, then the UNet on cached latents/embeddings; assemble the unCLIP pipeline.
+
+    Every random draw is made on the CPU from per-step seeded generators, so a run on ``device``
+    sees the same batches as one on the CPU; the returned pipeline is on the CPU.
+    """
+    device = torch.device(device)
     from diffusers import StableUnCLIPImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 
     work_dir = Path(work_dir)
-    text_encoder.eval().requires_grad_(False)
-    image_encoder.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False).to(device)
+    image_encoder.eval().requires_grad_(False).to(device)
 
     # 1. Autoencoder.
     t0 = time.time()
-    vae = train_vae(cfg, pool, progress)
+    vae = train_vae(cfg, pool, progress, device)
     vae.requires_grad_(False)
     vae_seconds = time.time() - t0
     psnr = reconstruction_psnr(vae, pool.images[-256:])
@@ -227,7 +235,7 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
 
     # 3. UNet + EMA.
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg, latents.shape[-1], text_states.shape[-1], embed_dim)
+    unet = build_unet(cfg, latents.shape[-1], text_states.shape[-1], embed_dim).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     params = dict(unet.named_parameters())
     ema_params = dict(ema.named_parameters())
@@ -268,8 +276,9 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
         labels[drop_image] = 0.0
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        pred = unet(xt, t, encoder_hidden_states=text, class_labels=labels).sample
-        loss = F.mse_loss(pred, noise)
+        pred = unet(xt.to(device), t.to(device), encoder_hidden_states=text.to(device),
+                    class_labels=labels.to(device)).sample
+        loss = F.mse_loss(pred, noise.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -285,7 +294,10 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
             save_training_state(ckpt_dir, step + 1, params, opt,
                                 extra_tensors={f"ema/{k}": v for k, v in ema_params.items()})
     unet_seconds = time.time() - t1
-    ema.eval()
+    ema.eval().to("cpu")
+    vae.to("cpu")
+    text_encoder.to("cpu")
+    image_encoder.to("cpu")
 
     pipe = StableUnCLIPImg2ImgPipeline(
         feature_extractor=feature_extractor, image_encoder=image_encoder, image_normalizer=normalizer,

@@ -168,8 +168,14 @@ def _augment(images_uint8: torch.Tensor, cfg: OracleConfig, generator: torch.Gen
     return x
 
 
-def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir: str | Path) -> OracleResult:
-    """Train the oracle on ``train``, keep the epoch that scores best on ``val``, save it to ``out_dir``."""
+def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir: str | Path,
+                 device: str | torch.device = "cpu") -> OracleResult:
+    """Train the oracle on ``train``, keep the epoch that scores best on ``val``, save it to ``out_dir``.
+
+    Batches are drawn and augmented on the CPU (seeded, so the draws do not depend on ``device``)
+    and then moved to ``device``.
+    """
+    device = torch.device(device)
     if train.class_names != val.class_names:
         raise DataError("train and validation splits have different class names",
                         fix="use splits of the same benchmark")
@@ -184,9 +190,10 @@ def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = _create_model(cfg.arch, num_classes)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     oracle = Oracle(model, train.class_names, image_size)
     mean, std = oracle.mean, oracle.std
+    train_labels = train.labels.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     # AdamW over SGD: on a few thousand steps it learns the shapes markedly faster here.
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -204,13 +211,13 @@ def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir:
         running = 0.0
         for batch_index in range(steps_per_epoch):
             index = order[batch_index * batch_size:(batch_index + 1) * batch_size]
-            x = ((_augment(train.images[index], cfg, generator) - mean) / std).contiguous(
+            x = ((_augment(train.images[index], cfg, generator) - mean) / std).to(device).contiguous(
                 memory_format=torch.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total, warmup, cfg.learning_rate)
             with bf16_autocast(cfg.bf16, x.device):
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), train.labels[index], label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), train_labels[index.to(device)], label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -228,6 +235,7 @@ def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bar.close()
     model.load_state_dict(best_state)
+    oracle.to("cpu")
     seconds = round(time.perf_counter() - started, 2)
     result = OracleResult(out_dir=str(out_dir), val_accuracy=best_accuracy, best_epoch=best_epoch, seconds=seconds,
                           num_parameters=sum(p.numel() for p in model.parameters()), history=history)

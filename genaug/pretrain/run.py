@@ -45,6 +45,7 @@ class PretrainConfig:
     eval_images_per_class: int = option(24, "generated images per class for the figures")
     eval_guidance_scale: float = option(4.0, "guidance scale used for the figures (and recommended)")
     eval_steps: int = option(25, "DDIM steps used for the figures")
+    device: str = option("auto", "where to train: auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     num_threads: int = option(0, "torch CPU threads (0: torch's default)")
     seed: int = option(0, "seed of every stage")
     progress: bool = option(True, "show progress bars")
@@ -53,8 +54,15 @@ class PretrainConfig:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.holdout < 0 or self.eval_images_per_class < 1 or self.eval_steps < 1:
             raise ValueError("holdout must be >= 0, eval_images_per_class and eval_steps >= 1")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def clip_config(self):
         from .clip import DualEncoderConfig
@@ -119,6 +127,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         torch.set_num_threads(cfg.num_threads)
     # Validate every sub-config before any work.
     clip_cfg, gen_cfg, oracle_cfg = cfg.clip_config(), cfg.generator_config(), cfg.oracle_config()
+    device = cfg.torch_device()
     record = RunRecord.start(out / "run", "pretrain", cfg)
     seconds: dict[str, float] = {}
     stages_run: list[str] = []
@@ -141,7 +150,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         tokenizer = build_clip_tokenizer(out / ".work" / "tokenizer", model_max_length=clip_cfg.max_text_length,
                                          corpus=_tokenizer_corpus(world, data.captions))
         train_dual_encoder(clip_cfg, data.subset(range(n_train)), tokenizer, clip_dir,
-                           eval_split=data.subset(range(n_train, len(data))) if cfg.holdout else None)
+                           eval_split=data.subset(range(n_train, len(data))) if cfg.holdout else None,
+                           device=device)
         seconds["clip"] = round(time.time() - t0, 1)
         stages_run.append("clip")
 
@@ -157,7 +167,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         text_encoder, image_encoder = export_encoders(model)
         result = train_generator(gen_cfg, data.subset(range(len(data) - cfg.holdout)), text_encoder, image_encoder,
                                  tokenizer, build_image_processor(clip_cfg.image_size), out / ".work" / "generator",
-                                 progress=cfg.progress)
+                                 progress=cfg.progress, device=device)
         staging = out / ".work" / "generator-final"
         if staging.exists():
             shutil.rmtree(staging)
@@ -182,7 +192,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         t0 = time.time()
         train = load_split(_world_file(world, "oracle"), "train", progress=cfg.progress)
         val = load_split(_world_file(world, "bench"), "val", progress=cfg.progress)
-        train_oracle(oracle_cfg, train, val, oracle_dir)
+        train_oracle(oracle_cfg, train, val, oracle_dir, device=device)
         seconds["oracle"] = round(time.time() - t0, 1)
         stages_run.append("oracle")
 
