@@ -44,6 +44,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "genaug.retrieve.index:IndexConfig", "genaug.retrieve.index:build_index"),
     Command("retrieve", "retrieve per-class images from an indexed pool (the retrieval baseline)",
             "genaug.retrieve.retrieve:RetrieveConfig", "genaug.retrieve.retrieve:retrieve"),
+    Command("train-classifier", "train a classifier on real (+ synthetic/retrieved) data; score overall, per "
+            "class and per many/medium/few bucket", "genaug.evaluate.classifier:ClassifierConfig",
+            "genaug.evaluate.classifier:train_classifier"),
     Command("run", "run a recipe (pipelines/*.yaml) stage by stage, reusing unchanged stages",
             "genaug.recipes:RecipeConfig", "genaug.recipes:run_recipe"),
 ]}

@@ -195,9 +195,11 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
 
     d, g, o = figures.get("dual_encoder", {}), figures.get("generator", {}), figures.get("oracle", {})
     secs = figures.get("training_seconds", {})
-    command = f"genaug pretrain --world {cfg.world} --output {cfg.output} --seed {cfg.seed}"
+    device = figures.get("device", "cpu")
     common = (f"Trained by genaug on the procedural world in `{cfg.world}` (made by `genaug world`), seed "
-              f"{cfg.seed}, on CPU. Reproduce: `{command}`.\n")
+              f"{cfg.seed}, on {device}. Reproduce: `genaug world --output {cfg.world}` then "
+              "`genaug pretrain --config run/config.yaml --output <folder>` (the resolved config this family "
+              "was trained with; the repository's `configs/pretrain_embedded.yaml` holds the same settings).\n")
     cards = {
         out / "clip" / "MODEL_CARD.md": (
             "# genaug embedded dual encoder (CLIP-style)\n\n" + common +

@@ -203,6 +203,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
         t0 = time.time()
         figures = evaluate_family(cfg, world, out, pool=get_pool() if cfg.holdout else None)
+        figures["device"] = str(device)
         seconds["evaluate"] = round(time.time() - t0, 1)
         figures["training_seconds"] = {**figures.get("training_seconds", {}), **seconds}
         atomic_write_json(out / "figures.json", figures)

@@ -1,0 +1,457 @@
+"""``genaug train-classifier``: a timm classifier on real data plus synthetic/retrieved datasets.
+
+What the downstream tables are made of. One run trains on a real training split (often
+long-tailed or few-shot) plus any number of extra datasets written by ``synth`` or ``retrieve``,
+then scores a test split overall, per class and per many/medium/few bucket.
+
+Mixing extra data, two ways:
+* ``union`` — the extra images join the training set (what a "balance every class to N" budget
+  is for: the rare classes get more samples);
+* ``replace`` — DA-Fusion's rule: each drawn real image is replaced, with probability
+  ``synthetic_prob``, by one of the extra images made from it (``source`` in their metadata) or,
+  when none was, by an extra image of its class.
+Per-sample weights (``sample_weight`` in the metadata, e.g. from DIAGen's confidence rule) scale
+each sample's loss. Long-tail options: class-balanced sampling and Balanced Softmax / logit
+adjustment (Menon et al. 2021): ``logits + tau * log(prior)`` in the training loss only.
+
+Images are decoded once into memory (the embedded world's 32 px images: a few MB); a dataset
+too large for that is refused with a clear error rather than swapped to death.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..artefacts import atomic_write_bytes, atomic_write_json, list_splits, read_dataset
+from ..config import config_to_dict, option
+from ..errors import ConfigError, DataError
+from ..runs import RunRecord
+
+LOSSES = ("ce", "balanced_softmax", "logit_adjusted")
+SAMPLERS = ("random", "class_balanced", "sqrt")
+MIXES = ("union", "replace")
+AUGMENTS = ("crop_flip", "randaugment", "none")
+
+
+@dataclass
+class ClassifierConfig:
+    """Train a classifier on real (+ synthetic/retrieved) data and score it on a test split."""
+
+    real_data: str = option("worlds/default/bench", "real dataset (genaug or imagefolder)")
+    split: str = option("train", "training split of real_data")
+    extra_data: list[str] = option(help="synthetic or retrieved datasets to train on too", factory=list)
+    mix: str = option("union", "how extra data is used: union (added to the training set) or replace "
+                               "(DA-Fusion: a drawn real image is swapped for one of its extra images)")
+    synthetic_prob: float = option(0.5, "replace mode: probability of swapping a drawn real image")
+    use_sample_weights: bool = option(True, "scale each extra image's loss by its metadata sample_weight")
+    test_data: str | None = option(None, "test dataset (default: real_data's test split)")
+    test_split: str = option("test", "split of test_data")
+    output: str = option("runs/classifier", "run folder: config, summary.csv, final.json, checkpoints")
+    arch: str = option("auto", "timm architecture; auto: genaug_cnn_small for images <= 64 px, else resnet18")
+    image_size: int = option(0, "train/test image side (0: the real data's own size)")
+    epochs: int = option(30, "passes over the (real) training set")
+    min_steps: int = option(300, "at least this many optimizer steps (few-shot sets are tiny)")
+    batch_size: int = option(128, "images per step")
+    learning_rate: float = option(2e-3, "peak AdamW learning rate (warmup, then cosine to zero)")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    warmup_fraction: float = option(0.05, "fraction of the steps spent warming up")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    loss: str = option("ce", "ce, balanced_softmax (logit adjustment with tau=1) or logit_adjusted")
+    tau: float = option(1.0, "logit_adjusted: weight of log(prior)")
+    sampler: str = option("random", "random, class_balanced (every class equally often) or sqrt (prop. to "
+                                    "sqrt(count))")
+    augment: str = option("crop_flip", "crop_flip (random resized crop + flip), randaugment (+ RandAugment), none")
+    crop_scale_min: float = option(0.7, "random resized crop keeps at least this fraction of the area")
+    rotate90: bool = option(False, "also rotate by random multiples of 90 degrees")
+    many_threshold: int = option(100, "a class with more training images than this is 'many'")
+    few_threshold: int = option(20, "a class with fewer training images than this is 'few' (medium between)")
+    checkpoint_every: int = option(5, "save a resumable checkpoint every N epochs (0: never)")
+    max_memory_gb: float = option(8.0, "refuse datasets whose decoded images would exceed this")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = option(0, "seed of initialization, sampling and augmentation")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("loss", LOSSES), ("sampler", SAMPLERS), ("mix", MIXES), ("augment", AUGMENTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.min_steps < 0 or self.checkpoint_every < 0 or self.image_size < 0:
+            raise ValueError("min_steps, checkpoint_every and image_size must not be negative")
+        if not 0.0 <= self.synthetic_prob <= 1.0:
+            raise ValueError(f"synthetic_prob must be in [0, 1], got {self.synthetic_prob}")
+        if not self.learning_rate > 0:
+            raise ValueError("learning_rate must be positive")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError("warmup_fraction must be in [0, 1)")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError("crop_scale_min must be in (0, 1]")
+        if not 0 <= self.few_threshold <= self.many_threshold:
+            raise ValueError("few_threshold must be <= many_threshold")
+
+
+@dataclass
+class ClassifierResult:
+    output: Path
+    test_accuracy: float
+    balanced_accuracy: float
+    buckets: dict[str, float | None]
+    per_class: dict[str, float]
+    train_images: dict[str, int]
+    seconds: float
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class Images:
+    pixels: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor
+    weights: torch.Tensor
+    ids: list[str]
+    sources: list[str | None]
+
+
+def load_images(root: str, split: str | None, size: int, class_names: list[str] | None, max_memory_gb: float,
+                what: str) -> tuple[Images, list[str]]:
+    """Decode a dataset split into memory at ``size`` px; labels are remapped by class name onto ``class_names``."""
+    from PIL import Image
+
+    ds = read_dataset(root, split)
+    names = class_names or ds.class_names
+    if class_names is not None:
+        unknown = sorted(set(ds.class_names[int(r["label"])] for r in ds.records) - set(class_names))
+        if unknown:
+            raise DataError(f"{what} has classes the real data lacks: {unknown[:3]}", where=root,
+                            fix="make extra and test data from the same class list")
+    if size and len(ds) * 3 * size * size / 2 ** 30 > max_memory_gb:
+        raise DataError(f"{what} would take {len(ds) * 3 * size * size / 2 ** 30:.1f} GB decoded", where=root,
+                        fix="lower --image-size or raise --max-memory-gb")
+    lookup = {n: i for i, n in enumerate(names)}
+
+    def decode(i: int) -> np.ndarray:
+        image = ds.image(i)
+        if size and image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+    with ThreadPoolExecutor(4) as pool:
+        arrays = list(pool.map(decode, range(len(ds))))
+    if not arrays:
+        raise DataError(f"{what} is empty", where=root, fix="give a dataset with images")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DataError(f"{what} images differ in size {sorted(shapes)[:2]}", where=root,
+                        fix="set --image-size to resize them all")
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([lookup[ds.class_names[int(r["label"])]] for r in ds.records])
+    weights = torch.tensor([float(r.get("sample_weight", 1.0) or 0.0) for r in ds.records])
+    return Images(pixels, labels, weights, [str(r.get("id", r["file_name"])) for r in ds.records],
+                  [r.get("source") for r in ds.records]), names
+
+
+def _concat(parts: list[Images]) -> Images:
+    return Images(torch.cat([p.pixels for p in parts]), torch.cat([p.labels for p in parts]),
+                  torch.cat([p.weights for p in parts]), sum((p.ids for p in parts), []),
+                  sum((p.sources for p in parts), []))
+
+
+# --------------------------------------------------------------------------- model and loss
+def create_classifier(arch: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    import timm
+
+    from . import backbones  # noqa: F401  (registers genaug_cnn_* in timm)
+
+    name = arch if arch != "auto" else ("genaug_cnn_small" if image_size <= 64 else "resnet18")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown timm architecture {name!r} ({exc})", where="arch",
+                          fix="use auto, genaug_cnn_small, resnet18, resnet50 or another timm model name") from None
+
+
+def adjusted_logits(logits: torch.Tensor, log_prior: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """Balanced Softmax / logit adjustment: add ``tau * log(prior)`` to the logits during training."""
+    return logits if log_prior is None else logits + tau * log_prior
+
+
+def bucket_of(count: int, many: int, few: int) -> str:
+    return "many" if count > many else "few" if count < few else "medium"
+
+
+# Two-sided 95% Student-t critical values for 1..30 degrees of freedom (beyond: the normal's 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 for one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if len(arr) < 2:
+        return float(arr.mean()) if len(arr) else float("nan"), 0.0
+    df = len(arr) - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96
+    return float(arr.mean()), float(t * arr.std(ddof=1) / math.sqrt(len(arr)))
+
+
+# --------------------------------------------------------------------------- augmentation
+def augment_batch(pixels_uint8: torch.Tensor, cfg: ClassifierConfig, generator: torch.Generator) -> torch.Tensor:
+    """uint8 batch -> augmented float batch in [0, 1], seeded by ``generator``."""
+    from ..pretrain.clip import random_crop_flip, random_rotate90
+
+    x = pixels_uint8
+    if cfg.augment == "randaugment":
+        from torchvision.transforms import v2
+
+        # v2 transforms draw from torch's global generator: seed it from ours for reproducibility.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+            op = v2.RandAugment(num_ops=2, magnitude=9)
+            x = torch.stack([op(img) for img in x])
+    x = x.float() / 255.0
+    if cfg.augment != "none":
+        x = random_crop_flip(x, generator, scale_min=cfg.crop_scale_min, flip=True)
+    if cfg.rotate90:
+        x = random_rotate90(x, generator)
+    return x
+
+
+# --------------------------------------------------------------------------- sampling
+class MixedSampler:
+    """Draws training batches (indices into real, or into extra) by the configured rules, seeded."""
+
+    def __init__(self, real: Images, extra: Images | None, cfg: ClassifierConfig, num_classes: int):
+        self.cfg = cfg
+        self.real, self.extra = real, extra
+        union = cfg.mix == "union" and extra is not None
+        labels = torch.cat([real.labels, extra.labels]) if union else real.labels
+        self.num_pool = len(labels)
+        counts = torch.bincount(labels, minlength=num_classes).float()
+        if cfg.sampler == "random":
+            per_item = torch.ones(len(labels))
+        else:
+            class_weight = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+            if cfg.sampler == "sqrt":
+                class_weight = class_weight * counts.sqrt()
+            per_item = class_weight[labels]
+        self.probabilities = per_item / per_item.sum()
+        self.train_counts = counts
+        # replace mode: extra images by source id and by class
+        self.by_source: dict[str, list[int]] = {}
+        self.by_class: dict[int, list[int]] = {}
+        if extra is not None and cfg.mix == "replace":
+            for j, (source, label) in enumerate(zip(extra.sources, extra.labels.tolist())):
+                if source:
+                    self.by_source.setdefault(str(source), []).append(j)
+                self.by_class.setdefault(label, []).append(j)
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(uint8 pixels, labels, loss weights)`` of one batch."""
+        picks = torch.multinomial(self.probabilities, batch_size, replacement=True, generator=generator).tolist()
+        pixels, labels, weights = [], [], []
+        n_real = len(self.real.labels)
+        swap = torch.rand(batch_size, generator=generator) < self.cfg.synthetic_prob
+        choice = torch.randint(0, 2 ** 31, (batch_size,), generator=generator).tolist()
+        for b, i in enumerate(picks):
+            source, index = (self.real, i) if i < n_real else (self.extra, i - n_real)
+            if self.cfg.mix == "replace" and self.extra is not None and bool(swap[b]):
+                options = self.by_source.get(self.real.ids[i]) or self.by_class.get(int(self.real.labels[i]))
+                if options:
+                    source, index = self.extra, options[choice[b] % len(options)]
+            pixels.append(source.pixels[index])
+            labels.append(int(source.labels[index]))
+            weight = float(source.weights[index]) if (source is self.extra and self.cfg.use_sample_weights) else 1.0
+            weights.append(weight)
+        return torch.stack(pixels), torch.tensor(labels), torch.tensor(weights)
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: torch.nn.Module, pixels_uint8: torch.Tensor, device: torch.device, mean: torch.Tensor,
+            std: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(pixels_uint8), batch):
+        x = (pixels_uint8[start:start + batch].float() / 255.0 - mean) / std
+        out.append(model(x.to(device)).argmax(dim=1).cpu())
+    return torch.cat(out)
+
+
+def score(predicted: torch.Tensor, labels: torch.Tensor, class_names: list[str], train_counts: torch.Tensor,
+          many: int, few: int) -> dict[str, Any]:
+    """Top-1 overall, mean per-class (balanced) accuracy, per class, and per many/medium/few bucket."""
+    correct = (predicted == labels).float()
+    per_class, buckets = {}, {"many": [], "medium": [], "few": []}
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        if mask.any():
+            acc = float(correct[mask].mean())
+            per_class[name] = round(acc, 5)
+            buckets[bucket_of(int(train_counts[c]), many, few)].append(acc)
+    return {"accuracy": round(float(correct.mean()), 5),
+            "balanced_accuracy": round(float(np.mean(list(per_class.values()))), 5) if per_class else None,
+            "buckets": {k: (round(float(np.mean(v)), 5) if v else None) for k, v in buckets.items()},
+            "bucket_sizes": {k: len(v) for k, v in buckets.items()}, "per_class": per_class}
+
+
+# --------------------------------------------------------------------------- training
+def _save_checkpoint(folder: Path, epoch: int, model, optimizer, generator: torch.Generator) -> None:
+    from safetensors.torch import save
+
+    state = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for pid, s in optimizer.state_dict()["state"].items():
+        for key, value in s.items():
+            if torch.is_tensor(value):
+                state[f"optim/{pid}/{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    state["rng"] = generator.get_state()
+    atomic_write_bytes(folder / "checkpoint.safetensors", save(state, metadata={"epoch": str(epoch)}))
+
+
+def _load_checkpoint(folder: Path, model, optimizer, generator: torch.Generator) -> int:
+    from safetensors import safe_open
+
+    path = folder / "checkpoint.safetensors"
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        epoch = int(f.metadata()["epoch"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    # Rebuild AdamW's state: one step creates the right structure, then the tensors are copied in.
+    state = optimizer.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, name = key.split("/", 2)
+            state["state"].setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict(state)
+    generator.set_state(tensors["rng"])
+    return epoch
+
+
+def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
+    """Train, checkpoint every few epochs (a rerun resumes), score the test split, write the run folder."""
+    from ..models.loading import resolve_device
+    from ..pretrain.data import CLIP_MEAN, CLIP_STD
+
+    started = time.time()
+    device = resolve_device(cfg.device)
+    probe = read_dataset(cfg.real_data, cfg.split)
+    size = cfg.image_size or probe.image(0).size[0]
+    real, class_names = load_images(cfg.real_data, cfg.split, size, None, cfg.max_memory_gb, "real data")
+    extras = [load_images(path, "train", size, class_names, cfg.max_memory_gb, f"extra data {path}")[0]
+              for path in cfg.extra_data]
+    extra = _concat(extras) if extras else None
+    test_root, test_split = cfg.test_data or cfg.real_data, cfg.test_split
+    if cfg.test_data is None and test_split not in list_splits(cfg.real_data):
+        raise DataError(f"real data has no {test_split!r} split to test on", where=cfg.real_data,
+                        fix="pass --test-data")
+    test, _ = load_images(test_root, test_split, size, class_names, cfg.max_memory_gb, "test data")
+
+    num_classes = len(class_names)
+    out = Path(cfg.output)
+    record = RunRecord.start(out, "train-classifier", cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = create_classifier(cfg.arch, num_classes, size).to(device)
+    sampler = MixedSampler(real, extra, cfg, num_classes)
+    real_counts = torch.bincount(real.labels, minlength=num_classes)
+    log_prior = None
+    if cfg.loss != "ce":
+        prior = sampler.train_counts.clamp(min=1) / sampler.train_counts.clamp(min=1).sum()
+        log_prior = prior.log().to(device)
+    tau = 1.0 if cfg.loss == "balanced_softmax" else cfg.tau
+    steps_per_epoch = max(1, math.ceil(len(real.labels) / cfg.batch_size),
+                          math.ceil(cfg.min_steps / cfg.epochs))
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_fraction * total)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    start_epoch = _load_checkpoint(out, model, optimizer, generator) if cfg.checkpoint_every else 0
+    summary_path = out / "summary.csv"
+    rows = _read_summary(summary_path)[:start_epoch]
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train-classifier",
+               disable=not cfg.progress, dynamic_ncols=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        running = 0.0
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            lr = cfg.learning_rate * ((step + 1) / warmup if step < warmup else
+                                      0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            pixels, labels, weights = sampler.draw(cfg.batch_size, generator)
+            x = ((augment_batch(pixels, cfg, generator) - mean) / std).to(device)
+            logits = adjusted_logits(model(x), log_prior, tau)
+            losses = F.cross_entropy(logits, labels.to(device), label_smoothing=cfg.label_smoothing,
+                                     reduction="none")
+            weights = weights.to(device)
+            loss = (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach())
+            bar.update(1)
+        test_scores = score(predict(model, test.pixels, device, mean, std), test.labels, class_names,
+                            real_counts, cfg.many_threshold, cfg.few_threshold)
+        rows.append({"epoch": epoch + 1, "train_loss": round(running / steps_per_epoch, 5),
+                     "test_accuracy": test_scores["accuracy"], "balanced_accuracy": test_scores["balanced_accuracy"],
+                     "lr": round(lr, 8)})
+        bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}", test=f"{test_scores['accuracy']:.3f}", refresh=False)
+        _write_summary(summary_path, rows)
+        if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
+            _save_checkpoint(out, epoch + 1, model, optimizer, generator)
+    bar.close()
+    final = score(predict(model, test.pixels, device, mean, std), test.labels, class_names, real_counts,
+                  cfg.many_threshold, cfg.few_threshold)
+    from safetensors.torch import save
+
+    atomic_write_bytes(out / "model.safetensors",
+                       save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    train_images = {"real": int(len(real.labels)), "extra": int(len(extra.labels)) if extra is not None else 0}
+    result = ClassifierResult(out, final["accuracy"], final["balanced_accuracy"], final["buckets"],
+                              final["per_class"], train_images, round(time.time() - started, 2), total, rows)
+    atomic_write_json(out / "final.json", {
+        **final, "train_images": train_images, "class_names": class_names,
+        "train_counts": real_counts.tolist(), "steps": total, "seconds": result.seconds,
+        "config": config_to_dict(cfg)})
+    (out / "checkpoint.safetensors").unlink(missing_ok=True)
+    record.finish({"accuracy": final["accuracy"], "balanced_accuracy": final["balanced_accuracy"],
+                   "buckets": final["buckets"]})
+    return result
+
+
+def _read_summary(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())

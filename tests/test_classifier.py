@@ -1,0 +1,140 @@
+"""Downstream classifier: training on real + extra data, buckets, long-tail losses, mixing, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genaug.artefacts import DatasetWriter
+from genaug.cli import main
+from genaug.errors import DataError
+from genaug.evaluate.classifier import (ClassifierConfig, Images, MixedSampler, adjusted_logits, bucket_of, ci95,
+                                        score, train_classifier)
+from test_retrieve import CLASSES, draw
+
+COUNTS = [30, 12, 6, 3, 2, 1]  # a long tail over the six toy classes
+
+
+def write(root, split, counts, seed, extra_meta=None):
+    rng = np.random.default_rng(seed)
+    with DatasetWriter(root, CLASSES, split=split) as writer:
+        for label, n in enumerate(counts):
+            for j in range(n):
+                meta = extra_meta(label, j) if extra_meta else {}
+                writer.add(f"{split}-{label}-{j}", draw(CLASSES[label], rng), label, **meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    real = write(root / "real", "train", COUNTS, 1)
+    write(real, "test", [6] * 6, 2)
+    synth = write(root / "synth", "train", [4] * 6, 3,
+                  lambda label, j: {"source": f"train-{label}-0", "sample_weight": 0.5})
+    return {"root": root, "real": real, "synth": synth}
+
+
+def cfg(data, out, **kw):
+    base = dict(real_data=str(data["real"]), output=str(out), epochs=3, min_steps=6, batch_size=16,
+                many_threshold=20, few_threshold=5, progress=False, device="cpu", checkpoint_every=1)
+    base.update(kw)
+    return ClassifierConfig(**base)
+
+
+def test_trains_and_writes_a_complete_run_folder(data, tmp_path):
+    result = train_classifier(cfg(data, tmp_path / "run", extra_data=[str(data["synth"])]))
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["accuracy"] == result.test_accuracy and 0 <= result.test_accuracy <= 1
+    assert final["train_images"] == {"real": sum(COUNTS), "extra": 24}
+    # Buckets by real training count: 30 > 20 many; 12, 6 medium; 3, 2, 1 few.
+    assert final["bucket_sizes"] == {"many": 1, "medium": 2, "few": 3}
+    lines = (tmp_path / "run" / "summary.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_loss,test_accuracy") and len(lines) == 4
+    for name in ("config.yaml", "versions.json", "metrics.json", "model.safetensors"):
+        assert (tmp_path / "run" / name).is_file()
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
+    train_classifier(cfg(data, tmp_path / "whole", loss="balanced_softmax", sampler="class_balanced"))
+    import genaug.evaluate.classifier as module
+
+    calls = {"n": 0}
+    original = module.score
+
+    def crash_after_two_epochs(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third epoch's evaluation: its checkpoint was never written
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "score", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(cfg(data, tmp_path / "killed", loss="balanced_softmax", sampler="class_balanced"))
+    assert (tmp_path / "killed" / "checkpoint.safetensors").is_file()
+    monkeypatch.setattr(module, "score", original)
+    train_classifier(cfg(data, tmp_path / "killed", loss="balanced_softmax", sampler="class_balanced"))
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == \
+        (tmp_path / "killed" / "model.safetensors").read_bytes()
+    assert (tmp_path / "whole" / "summary.csv").read_text() == (tmp_path / "killed" / "summary.csv").read_text()
+
+
+def _images(labels, ids=None, sources=None, weights=None):
+    n = len(labels)
+    return Images(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).clone(),
+                  torch.tensor(labels), torch.tensor(weights or [1.0] * n), ids or [f"r{i}" for i in range(n)],
+                  sources or [None] * n)
+
+
+def test_sampler_rules():
+    real = _images([0] * 90 + [1] * 10)
+    balanced = MixedSampler(real, None, ClassifierConfig(sampler="class_balanced"), 2)
+    _, labels, _ = balanced.draw(4000, torch.Generator().manual_seed(0))
+    assert abs(float(labels.float().mean()) - 0.5) < 0.05  # classes equally often despite 90/10
+    plain = MixedSampler(real, None, ClassifierConfig(sampler="random"), 2)
+    _, labels, _ = plain.draw(4000, torch.Generator().manual_seed(0))
+    assert abs(float(labels.float().mean()) - 0.1) < 0.03
+    # replace: a drawn real image is swapped for an extra image made from it (by source id).
+    real = _images([0, 1], ids=["a", "b"])
+    extra = _images([0, 0, 1], ids=["x", "y", "z"], sources=["a", "a", None], weights=[0.25, 0.25, 0.5])
+    sampler = MixedSampler(real, extra, ClassifierConfig(mix="replace", synthetic_prob=1.0), 2)
+    pixels, labels, weights = sampler.draw(200, torch.Generator().manual_seed(1))
+    values = pixels[:, 0, 0, 0].tolist()
+    assert set(values) <= {0, 1, 2}  # extra images only (pixel value = index in extra)
+    assert all((v in (0, 1)) == (label == 0) for v, label in zip(values, labels.tolist()))
+    assert set(weights.tolist()) == {0.25, 0.5}
+    union = MixedSampler(real, extra, ClassifierConfig(mix="union"), 2)
+    assert union.num_pool == 5 and union.train_counts.tolist() == [3, 2]
+
+
+def test_long_tail_helpers():
+    logits = torch.zeros(2, 3)
+    prior = torch.tensor([0.7, 0.2, 0.1]).log()
+    assert torch.allclose(adjusted_logits(logits, prior, 1.0), prior.expand(2, 3))
+    assert torch.equal(adjusted_logits(logits, None, 1.0), logits)
+    assert [bucket_of(c, 100, 20) for c in (500, 101, 100, 20, 19, 5)] == ["many", "many", "medium", "medium",
+                                                                            "few", "few"]
+    result = score(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), ["a", "b", "c"],
+                   torch.tensor([200, 50, 3]), 100, 20)
+    assert result["accuracy"] == 0.75 and result["per_class"] == {"a": 1.0, "b": 1.0, "c": 0.5}
+    assert result["buckets"] == {"many": 1.0, "medium": 1.0, "few": 0.5}
+    mean, half = ci95([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-3)
+    assert ci95([0.4]) == (0.4, 0.0)
+
+
+def test_bad_inputs_fail_clearly(data, tmp_path, capsys):
+    with pytest.raises(ValueError, match="loss must be one of"):
+        ClassifierConfig(loss="focal")
+    wrong = write(tmp_path / "wrong", "train", [1], 5)
+    (tmp_path / "wrong" / "genaug.json").write_text(
+        (tmp_path / "wrong" / "genaug.json").read_text().replace("red circle", "purple hexagon"))
+    with pytest.raises(DataError, match="classes the real data lacks"):
+        train_classifier(cfg(data, tmp_path / "x", extra_data=[str(wrong)]))
+    code = main(["train-classifier", "--real-data", str(data["synth"]), "--output", str(tmp_path / "y")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "no 'test' split" in err[0]
