@@ -47,6 +47,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("train-classifier", "train a classifier on real (+ synthetic/retrieved) data; score overall, per "
             "class and per many/medium/few bucket", "genaug.evaluate.classifier:ClassifierConfig",
             "genaug.evaluate.classifier:train_classifier"),
+    Command("fewshot", "k-shot protocol: a classifier per (k, trial) split, test accuracy mean and 95% CI per k",
+            "genaug.evaluate.protocols:FewShotConfig", "genaug.evaluate.protocols:run_fewshot"),
     Command("run", "run a recipe (pipelines/*.yaml) stage by stage, reusing unchanged stages",
             "genaug.recipes:RecipeConfig", "genaug.recipes:run_recipe"),
 ]}

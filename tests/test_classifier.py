@@ -138,3 +138,30 @@ def test_bad_inputs_fail_clearly(data, tmp_path, capsys):
     code = main(["train-classifier", "--real-data", str(data["synth"]), "--output", str(tmp_path / "y")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "no 'test' split" in err[0]
+
+
+def test_fewshot_protocol_aggregates_trials_and_reuses_finished_runs(tmp_path, monkeypatch):
+    from genaug.evaluate.protocols import FewShotConfig, run_fewshot
+
+    world = tmp_path / "world"
+    for k in (1, 2):
+        for trial in range(2):
+            write(world / "fewshot" / f"k{k}-trial{trial}", "train", [k] * 6, 10 * k + trial)
+            write(tmp_path / "synth" / f"k{k}-t{trial}", "train", [2] * 6, 100 + 10 * k + trial)
+    write(world / "bench", "test", [4] * 6, 3)
+    config = FewShotConfig(world=str(world), ks=[1, 2], trials=2, output=str(tmp_path / "fs"),
+                           extra_patterns=[str(tmp_path / "synth" / "k{k}-t{trial}")],
+                           classifier={"epochs": 2, "min_steps": 4, "batch_size": 8, "progress": False,
+                                       "device": "cpu"})
+    result = run_fewshot(config)
+    table = json.loads((tmp_path / "fs" / "fewshot.json").read_text())["table"]
+    assert set(table) == {"1", "2"} and all(len(row["trials"]) == 2 for row in table.values())
+    mean, half = ci95(table["1"]["trials"])
+    assert table["1"]["mean"] == pytest.approx(mean, abs=1e-5) and table["1"]["ci95"] == pytest.approx(half, abs=1e-5)
+    assert result.table == table and "± " in (tmp_path / "fs" / "fewshot.md").read_text()
+    import genaug.evaluate.protocols as protocols
+
+    monkeypatch.setattr(protocols, "train_classifier", lambda c: pytest.fail("a finished run was retrained"))
+    assert run_fewshot(config).table == table
+    with pytest.raises(DataError, match="missing"):
+        run_fewshot(FewShotConfig(world=str(world), ks=[4], trials=1, output=str(tmp_path / "fs2")))
