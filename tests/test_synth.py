@@ -71,3 +71,69 @@ def test_config_checks(kw, msg):
 def test_unknown_method(kit, tmp_path):
     with pytest.raises(ConfigError, match="unknown synthesis method"):
         synthesize(_cfg(kit, tmp_path / "x", method="nope"))
+
+
+@pytest.fixture
+def real_data(kit, tmp_path):
+    """A small real dataset: 2 classes x 2 images (made by the text method, which is all we need here)."""
+    synthesize(_cfg(kit, tmp_path / "real", images_per_class=2, num_inference_steps=1))
+    return tmp_path / "real"
+
+
+@pytest.mark.parametrize("arch,method,extra", [
+    ("sd15", "img2img", dict(strength_choices=[0.25, 0.5, 0.75])),
+    ("unclip", "img2img", {}),
+    ("sd15", "spectrum", dict(spectrum_levels=[0.0, 0.5, 1.0])),
+    ("unclip", "augcond", dict(augcond_mode="cutmix+dropout")),
+    ("unclip", "augcond", dict(augcond_mode="pixel_mixup+embed_mixup+embed_cutmix+img2img")),
+])
+def test_image_methods_record_provenance_and_batch_invariance(kit, real_data, tmp_path, arch, method, extra):
+    def run(out, batch_size):
+        return synthesize(_cfg(kit, out, model=str(kit(arch)), method=method, real_data=str(real_data),
+                               images_per_class=0, per_real=3, class_names=[], batch_size=batch_size, **extra))
+
+    result = run(tmp_path / "a", 4)
+    assert result.generated == 12  # 3 per real image, 4 real images
+    ds = read_dataset(tmp_path / "a")
+    real_ids = {r["id"] for r in read_dataset(real_data).records}
+    assert all(r["source"] in real_ids and r["method"] == method for r in ds.records)
+    if method == "img2img":
+        assert {r["strength"] for r in ds.records} <= set(extra.get("strength_choices", [0.5]))
+    if method == "spectrum":
+        levels = [r["image_guidance"] for r in ds.records]
+        assert set(levels) == {0.0, 0.5, 1.0} and all(r["strength"] == 1 - r["image_guidance"] for r in ds.records)
+        # Every level of one real image before the next image.
+        first = [r for r in ds.records if r["label"] == 0]
+        assert [r["source"] for r in first[:3]] == [first[0]["source"]] * 3
+    if method == "augcond":
+        row = ds.records[0]
+        assert {"partner", "mix_lambda", "augcond_mode"} <= set(row) and 0 <= row["mix_lambda"] <= 1
+    assert len(load_hf_dataset(tmp_path / "a")["train"]) == 12
+    run(tmp_path / "b", 1)
+    b = read_dataset(tmp_path / "b")
+    by_id = {r["id"]: i for i, r in enumerate(b.records)}
+    for i, r in enumerate(ds.records):
+        diff = np.abs(np.asarray(ds.image(i), dtype=int) - np.asarray(b.image(by_id[r["id"]]), dtype=int))
+        assert diff.max() <= 2, r["id"]
+
+
+def test_spectrum_level_one_is_the_real_image_through_the_vae(kit, real_data, tmp_path):
+    synthesize(_cfg(kit, tmp_path / "s", method="spectrum", real_data=str(real_data), images_per_class=0,
+                    per_real=1, class_names=[], spectrum_levels=[1.0]))
+    ds = read_dataset(tmp_path / "s")
+    assert all(r["strength"] == 0.0 for r in ds.records)
+    # Strength 0 runs no denoising step: the output is the VAE reconstruction of the source.
+    assert len(ds) == 4
+
+
+def test_image_methods_need_what_they_condition_on(kit, real_data, tmp_path):
+    from genaug.errors import ModelError
+
+    with pytest.raises(ValueError, match="needs real_data"):
+        SynthConfig(model="m", class_names=["a"], method="img2img")
+    with pytest.raises(ValueError, match="unknown augcond_mode"):
+        SynthConfig(model="m", real_data="x", method="augcond", augcond_mode="cutmix+sparkles")
+    with pytest.raises(ModelError, match="unCLIP-style"):
+        synthesize(_cfg(kit, tmp_path / "x", method="augcond", real_data=str(real_data), images_per_class=1,
+                        class_names=[]))
+    assert not (tmp_path / "x").exists()  # nothing half-written

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..artefacts import METADATA, DatasetWriter, GenaugDataset, read_dataset, read_metadata_lines, slugify
 from ..budget import check_budget, images_per_class_budget
 from ..config import option
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..models.loading import default_resolution, load_pipeline, pipeline_family
 from ..runs import RunRecord
 from .prompts import DEFAULT_TEMPLATES, fill
@@ -31,6 +32,9 @@ def item_seed(run_seed: int, item_id: str) -> int:
     """A 63-bit seed from the run seed and the item id: stable across batching, sharding and resume."""
     digest = hashlib.sha256(f"{run_seed}:{item_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+AUGCOND_PARTS = ("none", "pixel_mixup", "pixel_cutmix", "embed_mixup", "embed_cutmix", "embed_dropout", "img2img")
 
 
 @dataclass
@@ -48,6 +52,19 @@ class SynthConfig:
     prompt_templates: list[str] = option(help="prompt templates, '{}' is the class name", factory=lambda: list(DEFAULT_TEMPLATES))
     negative_prompt: str = option("", "negative prompt for every image")
     guidance_scale: float = option(7.5, "classifier-free guidance scale")
+    strength: float = option(0.5, "img2img/diagen: SDEdit strength (share of the denoising steps run)")
+    strength_choices: list[float] = option(help="img2img/diagen: draw each image's strength from these instead "
+                                                "(DA-Fusion's random strength, e.g. 0.25,0.5,0.75,1.0)",
+                                           factory=list)
+    augcond_mode: str = option("cutmix+dropout", "augcond: conditioning augmentation, '+'-joined from none, "
+                                                 "pixel_mixup, pixel_cutmix, embed_mixup, embed_cutmix, "
+                                                 "embed_dropout, img2img (SDEdit from the augmented image)")
+    mix_alpha: float = option(1.0, "augcond: MixUp/CutMix lambda ~ Beta(alpha, alpha)")
+    embed_dropout: float = option(0.4, "augcond: embedding dropout probability")
+    image_noise_level: int = option(0, "augcond: unCLIP noise level added to the image embedding (0-999)")
+    spectrum_levels: list[float] = option(help="spectrum: image-guidance levels; level l runs img2img at "
+                                               "strength 1 - l (0: text only, 1: the real image)",
+                                          factory=lambda: [0.0, 0.1, 0.3, 0.5, 1.0])
     num_inference_steps: int = option(25, "denoising steps per image")
     resolution: int | None = option(None, "output size in pixels (default: the model's native size)")
     batch_size: int = option(8, "images per pipeline call")
@@ -70,6 +87,16 @@ class SynthConfig:
             raise ValueError("resolution must be a multiple of 8, at least 8")
         for t in self.prompt_templates:
             fill(t, "x")  # raises on a template without '{}'
+        for value in [self.strength, *self.strength_choices, *self.spectrum_levels]:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"strengths and spectrum levels must be in [0, 1], got {value}")
+        if self.method in ("img2img", "augcond", "spectrum", "diagen") and not self.real_data:
+            raise ValueError(f"method {self.method!r} needs real_data (it starts from real images)")
+        unknown = set(_augcond_parts(self.augcond_mode)) - set(AUGCOND_PARTS)
+        if unknown:
+            raise ValueError(f"unknown augcond_mode part(s) {sorted(unknown)}; use {', '.join(AUGCOND_PARTS)}")
+        if not self.mix_alpha > 0 or not 0.0 <= self.embed_dropout < 1.0 or not 0 <= self.image_noise_level < 1000:
+            raise ValueError("mix_alpha must be > 0, embed_dropout in [0, 1), image_noise_level in [0, 999]")
 
 
 @dataclass
@@ -115,7 +142,7 @@ def plan_text(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | No
     return items
 
 
-def generate_text(pipe, items: list[SynthItem], cfg: SynthConfig, size: int):
+def generate_text(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, real: "RealImages | None" = None):
     """Text-to-image; unCLIP-style models sample with the null image condition (text only)."""
     generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
     if pipeline_family(pipe) == "sdxl":
@@ -129,6 +156,187 @@ def generate_text(pipe, items: list[SynthItem], cfg: SynthConfig, size: int):
     cond = Conditioning(pos, neg, labels)
     return to_pil(sampler.sample(cond, generators, size=size, num_steps=cfg.num_inference_steps,
                                  guidance_scale=cfg.guidance_scale))
+
+
+# --------------------------------------------------------------------------- image-based methods
+class RealImages:
+    """The real dataset's images by record id, resized to the generation size."""
+
+    def __init__(self, real: GenaugDataset):
+        self.real = real
+        self.index = {self.record_id(i): i for i in range(len(real))}
+
+    def record_id(self, i: int) -> str:
+        record = self.real.records[i]
+        return str(record.get("id", record["file_name"]))
+
+    def members(self, label: int) -> list[int]:
+        return [i for i, r in enumerate(self.real.records) if int(r["label"]) == label]
+
+    def pil(self, record_id: str, size: int):
+        from PIL import Image
+
+        image = self.real.image(self.index[record_id])
+        return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
+
+    def unit(self, record_ids: list[str], size: int) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, size, size)."""
+        arrays = [np.asarray(self.pil(r, size), dtype=np.float32) for r in record_ids]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _plan_from_real(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | None,
+                    extra: Callable[[np.random.Generator, int, int, list[int], RealImages], dict[str, Any]]
+                    ) -> list[SynthItem]:
+    """Items that each start from a real image: class c's j-th item uses its (j mod n_c)-th real image."""
+    if real is None:
+        raise ConfigError(f"method {cfg.method!r} needs real images", where="real_data", fix="pass --real-data")
+    images = RealImages(real)
+    items = []
+    for label, (name, n) in enumerate(zip(class_names, class_budget(cfg, class_names, real))):
+        members = images.members(label)
+        if not members:
+            continue  # nothing to start from: the class keeps only what other methods give it
+        for j in range(n):
+            source = images.record_id(members[j % len(members)])
+            item_id = f"{label:04d}-{slugify(name, 32)}-{j:06d}"
+            seed = item_seed(cfg.seed, item_id)
+            rng = np.random.default_rng(seed)
+            template = cfg.prompt_templates[j % len(cfg.prompt_templates)]
+            params = {"template": template, **extra(rng, label, j, members, images)}
+            items.append(SynthItem(item_id, label, name, fill(template, name), seed, cfg.negative_prompt,
+                                   source=source, params=params))
+    return items
+
+
+def _strength(cfg: SynthConfig, rng: np.random.Generator) -> float:
+    return float(rng.choice(cfg.strength_choices)) if cfg.strength_choices else cfg.strength
+
+
+def plan_img2img(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | None) -> list[SynthItem]:
+    return _plan_from_real(cfg, class_names, real, lambda rng, *_: {"strength": _strength(cfg, rng)})
+
+
+def plan_spectrum(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | None) -> list[SynthItem]:
+    levels = cfg.spectrum_levels
+
+    def params(rng, label, j, members, images):
+        level = float(levels[j % len(levels)])
+        return {"image_guidance": level, "strength": round(1.0 - level, 6)}
+
+    items = _plan_from_real(cfg, class_names, real, params)
+    # Every level of one real image before the next image: source j // len(levels), not j.
+    images = RealImages(real)
+    for item in items:
+        members = images.members(item.label)
+        j = int(item.id.rsplit("-", 1)[1])
+        item.source = images.record_id(members[(j // len(levels)) % len(members)])
+    return items
+
+
+def plan_augcond(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | None) -> list[SynthItem]:
+    mode = _augcond_parts(cfg.augcond_mode)
+
+    def params(rng, label, j, members, images):
+        partner = images.record_id(members[int(rng.integers(len(members)))])
+        lam = float(rng.beta(cfg.mix_alpha, cfg.mix_alpha))
+        out: dict[str, Any] = {"augcond_mode": "+".join(mode), "partner": partner, "mix_lambda": round(lam, 6),
+                               "image_noise_level": cfg.image_noise_level}
+        if "pixel_cutmix" in mode:
+            out["cutmix_box"] = _cutmix_box(rng, lam)  # fractions of the side: x0, y0, x1, y1
+        if "img2img" in mode:
+            out["strength"] = _strength(cfg, rng)
+        return out
+
+    return _plan_from_real(cfg, class_names, real, params)
+
+
+def _augcond_parts(mode: str) -> list[str]:
+    """"cutmix+dropout" (the paper's default) is shorthand for pixel_cutmix+embed_dropout."""
+    alias = {"cutmix": "pixel_cutmix", "mixup": "pixel_mixup", "dropout": "embed_dropout"}
+    return [alias.get(part, part) for part in mode.split("+") if part and part != "none"]
+
+
+def _cutmix_box(rng: np.random.Generator, lam: float) -> list[float]:
+    """A box covering 1 - lam of the area (CutMix), as fractions of the side."""
+    side = float(np.sqrt(1.0 - lam))
+    cx, cy = rng.uniform(0, 1, 2)
+    x0, x1 = np.clip([cx - side / 2, cx + side / 2], 0, 1)
+    y0, y1 = np.clip([cy - side / 2, cy + side / 2], 0, 1)
+    return [round(float(v), 6) for v in (x0, y0, x1, y1)]
+
+
+def _sampler_for(pipe, method: str, needs_unclip: bool = False) -> Sampler:
+    family = pipeline_family(pipe)
+    if family == "sdxl":
+        raise ModelError(f"method {method!r} runs on SD and unCLIP layouts, not SDXL",
+                         fix="use method text with SDXL, or an SD 1.5/2.x or unCLIP model")
+    if needs_unclip and family != "unclip":
+        raise ModelError(f"method {method!r} conditions on image embeddings: it needs an unCLIP-style model",
+                         fix="use the embedded generator or a StableUnCLIPImg2ImgPipeline checkpoint")
+    return Sampler(pipe)
+
+
+def _sample_img2img(sampler: Sampler, items: list[SynthItem], init_images: torch.Tensor, cfg: SynthConfig, size: int,
+                    class_labels: torch.Tensor | None = None, strengths: list[float] | None = None):
+    generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
+    pos, neg = sampler.encode_text([it.prompt for it in items], [it.negative_prompt for it in items])
+    if class_labels is None:
+        class_labels = sampler.class_labels(None, 0, generators, len(items))
+    strengths = torch.tensor(strengths if strengths is not None else [it.params["strength"] for it in items])
+    init = sampler.encode_images(init_images, generators)
+    cond = Conditioning(pos, neg, class_labels)
+    return to_pil(sampler.sample(cond, generators, size=size, num_steps=cfg.num_inference_steps,
+                                 guidance_scale=cfg.guidance_scale, init_latents=init, strengths=strengths))
+
+
+def generate_img2img(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, real: RealImages):
+    """SDEdit from each item's real image at its own strength (DA-Fusion)."""
+    sampler = _sampler_for(pipe, cfg.method)
+    return _sample_img2img(sampler, items, real.unit([it.source for it in items], size), cfg, size)
+
+
+def generate_augcond(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, real: RealImages):
+    """Condition on an augmented real image's CLIP embedding ("Augmented Conditioning Is Enough")."""
+    sampler = _sampler_for(pipe, cfg.method, needs_unclip=True)
+    mode = _augcond_parts(cfg.augcond_mode)
+    first = real.unit([it.source for it in items], size)
+    second = real.unit([it.params["partner"] for it in items], size)
+    lam = torch.tensor([it.params["mix_lambda"] for it in items]).view(-1, 1, 1, 1)
+    mixed = first.clone()
+    if "pixel_mixup" in mode:
+        mixed = lam * first + (1 - lam) * second
+    if "pixel_cutmix" in mode:
+        for b, it in enumerate(items):
+            x0, y0, x1, y1 = (round(v * size) for v in it.params["cutmix_box"])
+            mixed[b, :, y0:y1, x0:x1] = second[b, :, y0:y1, x0:x1]
+    mixed_uint8 = ((mixed.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    embeds = sampler.image_embeddings(to_pil(mixed_uint8)).float()
+    if "embed_mixup" in mode or "embed_cutmix" in mode:
+        partner = sampler.image_embeddings([real.pil(it.params["partner"], size) for it in items]).float()
+        lam_flat = lam.view(-1, 1).to(embeds)
+        if "embed_mixup" in mode:
+            embeds = lam_flat * embeds + (1 - lam_flat) * partner
+        if "embed_cutmix" in mode:
+            # Per feature dimension (the authors' stored code slices the batch instead; see METHODS.md).
+            for b, it in enumerate(items):
+                g = torch.Generator().manual_seed(it.seed + 1)
+                dims = torch.randperm(embeds.shape[1], generator=g)[: int(round((1 - it.params["mix_lambda"])
+                                                                                  * embeds.shape[1]))]
+                embeds[b, dims] = partner[b, dims]
+    if "embed_dropout" in mode and cfg.embed_dropout > 0:
+        keep = torch.stack([torch.rand(embeds.shape[1], generator=torch.Generator().manual_seed(it.seed + 2))
+                            >= cfg.embed_dropout for it in items]).to(embeds)
+        embeds = embeds * keep / (1 - cfg.embed_dropout)
+    generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
+    labels = sampler.class_labels(embeds.to(sampler.dtype), cfg.image_noise_level, generators, len(items))
+    if "img2img" in mode:
+        return _sample_img2img(sampler, items, mixed, cfg, size, class_labels=labels)
+    pos, neg = sampler.encode_text([it.prompt for it in items], [it.negative_prompt for it in items])
+    # Fresh generators: the class-label noise above drew from the first ones.
+    generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
+    return to_pil(sampler.sample(Conditioning(pos, neg, labels), generators, size=size,
+                                 num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale))
 
 
 @dataclass(frozen=True)
@@ -148,6 +356,12 @@ def register_method(method: SynthMethod) -> SynthMethod:
 
 
 register_method(SynthMethod("text", plan_text, generate_text, "class-name prompts from a template bank"))
+register_method(SynthMethod("img2img", plan_img2img, generate_img2img,
+                            "SDEdit from each real image at a fixed or random strength (DA-Fusion)"))
+register_method(SynthMethod("augcond", plan_augcond, generate_augcond,
+                            "unCLIP conditioning on augmented real images: pixel/embedding MixUp, CutMix, dropout"))
+register_method(SynthMethod("spectrum", plan_spectrum, generate_img2img,
+                            "img2img at image-guidance levels (Diffusion Curriculum), level recorded per image"))
 
 
 def create_method(name: str) -> SynthMethod:
@@ -162,12 +376,15 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
     real = read_dataset(cfg.real_data) if cfg.real_data else None
     class_names = real.class_names if real is not None else list(cfg.class_names)
     items = method.plan(cfg, class_names, real)
+    real_images = RealImages(real) if real is not None else None
 
     out = Path(cfg.output)
     already = {str(r.get("id")) for r in read_metadata_lines(out / "train" / METADATA, tolerate_partial_tail=True)}
     todo = [it for it in items if it.id not in already]
     # Load the model before touching the output, so a bad model path leaves nothing behind.
     pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, xformers=cfg.xformers) if todo else None
+    if pipe is not None and method.name != "text":
+        _sampler_for(pipe, method.name, needs_unclip=method.name == "augcond")  # refuse before writing anything
     record = RunRecord.start(out / "run", "synth", cfg)
     info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data}
     with DatasetWriter(out, class_names, split="train", info=info) as writer:
@@ -179,7 +396,7 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
             bar = tqdm(total=len(todo), desc=f"synth:{cfg.method}", unit="img", dynamic_ncols=True)
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start : start + cfg.batch_size]
-                images = method.generate(pipe, batch, cfg, size)
+                images = method.generate(pipe, batch, cfg, size, real_images)
                 for it, image in zip(batch, images):
                     writer.add(it.id, image, it.label, method=cfg.method, prompt=it.prompt,
                                negative_prompt=it.negative_prompt, seed=it.seed, source=it.source,
