@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from genaug.artefacts import load_hf_dataset, read_dataset
@@ -84,6 +85,7 @@ def real_data(kit, tmp_path):
     ("sd15", "img2img", dict(strength_choices=[0.25, 0.5, 0.75])),
     ("unclip", "img2img", {}),
     ("sd15", "spectrum", dict(spectrum_levels=[0.0, 0.5, 1.0])),
+    ("unclip", "diagen", dict(strength=0.7)),
     ("unclip", "augcond", dict(augcond_mode="cutmix+dropout")),
     ("unclip", "augcond", dict(augcond_mode="pixel_mixup+embed_mixup+embed_cutmix+img2img")),
 ])
@@ -137,3 +139,26 @@ def test_image_methods_need_what_they_condition_on(kit, real_data, tmp_path):
         synthesize(_cfg(kit, tmp_path / "x", method="augcond", real_data=str(real_data), images_per_class=1,
                         class_names=[]))
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_diagen_noise_changes_the_class_tokens_only(kit, real_data, tmp_path):
+    from genaug.generate.synth import SynthItem, encode_with_token_noise
+    from genaug.models.loading import load_pipeline
+
+    pipe = load_pipeline(str(kit("sd15")), device="cpu")
+    items = [SynthItem(f"i{i}", 0, "red circle", "a photo of a red circle", seed=i) for i in range(2)]
+    clean = encode_with_token_noise(pipe, items, 0.0)
+    noisy = encode_with_token_noise(pipe, items, 0.5)
+    ids = pipe.tokenizer("a photo of a red circle", padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length).input_ids
+    first = next(i for i, t in enumerate(ids) if t in set(pipe.tokenizer("red circle",
+                                                                         add_special_tokens=False).input_ids))
+    # Causal attention: positions before the class name are untouched, later ones change.
+    assert torch.allclose(clean[:, :first], noisy[:, :first])
+    assert not torch.allclose(clean[:, first], noisy[:, first])
+    assert not torch.allclose(noisy[0], noisy[1])  # each item its own noise
+    assert torch.equal(encode_with_token_noise(pipe, items, 0.5), noisy)  # seeded
+    result = synthesize(_cfg(kit, tmp_path / "d", method="diagen", real_data=str(real_data), images_per_class=0,
+                             per_real=1, class_names=[], strength=0.7))
+    assert result.generated == 4
+    assert {r["embedding_noise_std"] for r in read_dataset(tmp_path / "d").records} == {0.01}

@@ -62,6 +62,8 @@ class SynthConfig:
     mix_alpha: float = option(1.0, "augcond: MixUp/CutMix lambda ~ Beta(alpha, alpha)")
     embed_dropout: float = option(0.4, "augcond: embedding dropout probability")
     image_noise_level: int = option(0, "augcond: unCLIP noise level added to the image embedding (0-999)")
+    embedding_noise_std: float = option(0.01, "diagen: std of the Gaussian noise on the class-name token "
+                                              "embeddings (DIAGen: 0.005/0.01/0.025)")
     spectrum_levels: list[float] = option(help="spectrum: image-guidance levels; level l runs img2img at "
                                                "strength 1 - l (0: text only, 1: the real image)",
                                           factory=lambda: [0.0, 0.1, 0.3, 0.5, 1.0])
@@ -95,6 +97,8 @@ class SynthConfig:
         unknown = set(_augcond_parts(self.augcond_mode)) - set(AUGCOND_PARTS)
         if unknown:
             raise ValueError(f"unknown augcond_mode part(s) {sorted(unknown)}; use {', '.join(AUGCOND_PARTS)}")
+        if self.embedding_noise_std < 0:
+            raise ValueError("embedding_noise_std must not be negative")
         if not self.mix_alpha > 0 or not 0.0 <= self.embed_dropout < 1.0 or not 0 <= self.image_noise_level < 1000:
             raise ValueError("mix_alpha must be > 0, embed_dropout in [0, 1), image_noise_level in [0, 999]")
 
@@ -339,6 +343,52 @@ def generate_augcond(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, 
                                  num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale))
 
 
+def plan_diagen(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | None) -> list[SynthItem]:
+    return _plan_from_real(cfg, class_names, real, lambda rng, *_: {"strength": _strength(cfg, rng),
+                                                                    "embedding_noise_std": cfg.embedding_noise_std})
+
+
+@torch.no_grad()
+def encode_with_token_noise(pipe, items: list[SynthItem], std: float) -> torch.Tensor:
+    """Prompt embeddings with Gaussian noise on the class-name tokens' input embeddings (DIAGen).
+
+    A forward hook on the text encoder's token embedding adds each item's own noise (drawn from
+    its seed) at the positions holding its class name's tokens; the weights are never touched.
+    """
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids = tokenizer([it.prompt for it in items], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    class_ids = [set(tokenizer(it.class_name, add_special_tokens=False).input_ids) for it in items]
+    mask = torch.tensor([[int(t) in cls for t in row] for row, cls in zip(ids.tolist(), class_ids)])
+    dim = encoder.get_input_embeddings().embedding_dim
+    noise = torch.stack([torch.randn(ids.shape[1], dim, generator=torch.Generator().manual_seed(it.seed + 3))
+                         for it in items]) * std
+    delta = (noise * mask.unsqueeze(-1)).to(encoder.device, encoder.dtype)
+
+    def add_noise(module, inputs, output):
+        return output + delta if output.shape[:2] == delta.shape[:2] else output
+
+    handle = encoder.get_input_embeddings().register_forward_hook(add_noise)
+    try:
+        return encoder(ids.to(encoder.device))[0]
+    finally:
+        handle.remove()
+
+
+def generate_diagen(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, real: RealImages):
+    """DIAGen: img2img from the real image with noisy class-token embeddings and a varied prompt."""
+    sampler = _sampler_for(pipe, cfg.method)
+    generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
+    pos = encode_with_token_noise(pipe, items, cfg.embedding_noise_std)
+    _, neg = sampler.encode_text([it.prompt for it in items], [it.negative_prompt for it in items])
+    labels = sampler.class_labels(None, 0, generators, len(items))
+    init = sampler.encode_images(real.unit([it.source for it in items], size), generators)
+    strengths = torch.tensor([it.params["strength"] for it in items])
+    return to_pil(sampler.sample(Conditioning(pos.to(neg.dtype), neg, labels), generators, size=size,
+                                 num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                 init_latents=init, strengths=strengths))
+
+
 @dataclass(frozen=True)
 class SynthMethod:
     name: str
@@ -360,6 +410,8 @@ register_method(SynthMethod("img2img", plan_img2img, generate_img2img,
                             "SDEdit from each real image at a fixed or random strength (DA-Fusion)"))
 register_method(SynthMethod("augcond", plan_augcond, generate_augcond,
                             "unCLIP conditioning on augmented real images: pixel/embedding MixUp, CutMix, dropout"))
+register_method(SynthMethod("diagen", plan_diagen, generate_diagen,
+                            "DIAGen: img2img with Gaussian noise on the class-token embeddings, varied prompts"))
 register_method(SynthMethod("spectrum", plan_spectrum, generate_img2img,
                             "img2img at image-guidance levels (Diffusion Curriculum), level recorded per image"))
 
