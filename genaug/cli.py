@@ -49,6 +49,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "genaug.evaluate.classifier:train_classifier"),
     Command("fewshot", "k-shot protocol: a classifier per (k, trial) split, test accuracy mean and 95% CI per k",
             "genaug.evaluate.protocols:FewShotConfig", "genaug.evaluate.protocols:run_fewshot"),
+    Command("filter", "score a synthetic dataset (CLIP score, classifier confidence, test near-duplicates); keep "
+            "and weight", "genaug.generate.filtering:FilterConfig", "genaug.generate.filtering:filter_dataset"),
     Command("run", "run a recipe (pipelines/*.yaml) stage by stage, reusing unchanged stages",
             "genaug.recipes:RecipeConfig", "genaug.recipes:run_recipe"),
 ]}

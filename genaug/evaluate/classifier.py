@@ -433,13 +433,29 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     result = ClassifierResult(out, final["accuracy"], final["balanced_accuracy"], final["buckets"],
                               final["per_class"], train_images, round(time.time() - started, 2), total, rows)
     atomic_write_json(out / "final.json", {
-        **final, "train_images": train_images, "class_names": class_names,
+        **final, "train_images": train_images, "class_names": class_names, "image_size": size,
+        "arch": cfg.arch,
         "train_counts": real_counts.tolist(), "steps": total, "seconds": result.seconds,
         "config": config_to_dict(cfg)})
     (out / "checkpoint.safetensors").unlink(missing_ok=True)
     record.finish({"accuracy": final["accuracy"], "balanced_accuracy": final["balanced_accuracy"],
                    "buckets": final["buckets"]})
     return result
+
+
+def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, list[str], int]:
+    """``(model in eval mode, class names, image size)`` from a finished train-classifier run folder."""
+    from ..artefacts import read_json_object, read_safetensors
+
+    folder = Path(folder)
+    if not (folder / "final.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise DataError("not a finished train-classifier run (final.json or model.safetensors missing)",
+                        where=str(folder), fix="train one with `genaug train-classifier`")
+    final = read_json_object(folder / "final.json", "classifier record")
+    model = create_classifier(final["arch"], len(final["class_names"]), int(final["image_size"]))
+    weights, _ = read_safetensors(folder / "model.safetensors")
+    model.load_state_dict(weights)
+    return model.to(device).eval(), list(final["class_names"]), int(final["image_size"])
 
 
 def _read_summary(path: Path) -> list[dict[str, Any]]:
