@@ -162,3 +162,24 @@ def test_diagen_noise_changes_the_class_tokens_only(kit, real_data, tmp_path):
                              per_real=1, class_names=[], strength=0.7))
     assert result.generated == 4
     assert {r["embedding_noise_std"] for r in read_dataset(tmp_path / "d").records} == {0.01}
+
+
+def test_augcond_without_augmentation_equals_the_stock_unclip_pipeline(kit, real_data, tmp_path):
+    """The engine's image-conditioned path is the stock diffusers StableUnCLIPImg2ImgPipeline, batched."""
+    from genaug.models.loading import default_resolution, load_pipeline
+
+    cfg = _cfg(kit, tmp_path / "ac", model=str(kit("unclip")), method="augcond", augcond_mode="none",
+               real_data=str(real_data), images_per_class=0, per_real=1, class_names=[], guidance_scale=3.0,
+               num_inference_steps=3)
+    synthesize(cfg)
+    ours = read_dataset(tmp_path / "ac")
+    real = read_dataset(real_data)
+    pipe = load_pipeline(str(kit("unclip")), device="cpu")
+    size = default_resolution(pipe)
+    by_id = {r["id"]: i for i, r in enumerate(real.records)}
+    for i, row in enumerate(ours.records):
+        source = real.image(by_id[row["source"]]).resize((size, size))
+        stock = pipe(image=source, prompt=row["prompt"], num_inference_steps=3, guidance_scale=3.0,
+                     noise_level=0, generator=torch.Generator().manual_seed(row["seed"]), output_type="np").images[0]
+        stock = np.round(stock * 255).astype(int)
+        assert np.abs(np.asarray(ours.image(i), dtype=int) - stock).max() <= 2, row["id"]

@@ -337,8 +337,8 @@ def generate_augcond(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, 
     if "img2img" in mode:
         return _sample_img2img(sampler, items, mixed, cfg, size, class_labels=labels)
     pos, neg = sampler.encode_text([it.prompt for it in items], [it.negative_prompt for it in items])
-    # Fresh generators: the class-label noise above drew from the first ones.
-    generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
+    # The generators go on from the embedding noise to the latents, the order of diffusers'
+    # StableUnCLIPImg2ImgPipeline: with mode "none" the images equal the stock pipeline's.
     return to_pil(sampler.sample(Conditioning(pos, neg, labels), generators, size=size,
                                  num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale))
 
