@@ -1,0 +1,146 @@
+"""Synthesis throughput: genaug's engine against the stock diffusers pipeline, same work, same outputs.
+
+Work: image-conditioned generation on the embedded generator (SD 2.1-unCLIP layout) — one image
+per real training image, conditioned on its CLIP embedding, prompt = its class name, DDIM,
+classifier-free guidance — every image saved as PNG.
+
+  (a) DA-Fusion-style loop: the stock ``StableUnCLIPImg2ImgPipeline`` called once per image;
+  (b) the stock pipeline called on batches of ``--batch-size`` images (lists of images, prompts
+      and per-image generators);
+  (c) ``genaug synth --method augcond --augcond-mode none`` at the same batch size (the whole
+      engine: planning, batched sampling, atomic PNG + metadata writes).
+
+Each variant runs in its own process (so its peak RSS is its own); all use the same torch thread
+count. Printed: images/s, the ratios (c)/(a) and (c)/(b), peak RSS, and the largest pixel
+difference between (b) and (c) (they draw the same noise, so they should agree to rounding).
+
+    python benchmarks/synth_throughput.py --images 64 --batch-size 32 --steps 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _inputs(real_data: str, n: int):
+    from genaug.artefacts import read_dataset
+    from genaug.generate.synth import item_seed, slugify
+
+    ds = read_dataset(real_data)
+    rows = []
+    per_class: dict[int, int] = {}
+    for i, r in enumerate(ds.records[:n]):
+        label = int(r["label"])
+        j = per_class.get(label, 0)
+        per_class[label] = j + 1
+        name = ds.class_names[label]
+        item_id = f"{label:04d}-{slugify(name, 32)}-{j:06d}"
+        rows.append((i, name, item_seed(0, item_id), item_id))
+    return ds, rows
+
+
+def _stock(args, batch_size: int, out_dir: str, queue) -> None:
+    import torch
+
+    from genaug.models.loading import default_resolution, load_pipeline
+
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model, device="cpu")
+    size = default_resolution(pipe)
+    ds, rows = _inputs(args.real_data, args.images)
+    images = {i: ds.image(i).resize((size, size)) for i, *_ in rows}
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        out = pipe(image=[images[i] for i, *_ in batch], prompt=[f"a photo of a {n}" for _, n, *_ in batch],
+                   num_inference_steps=args.steps, guidance_scale=args.guidance, noise_level=0,
+                   generator=[torch.Generator().manual_seed(s) for _, _, s, _ in batch]).images
+        for (_, _, _, item_id), image in zip(batch, out):
+            image.save(Path(out_dir) / f"{item_id}.png")
+    seconds = time.perf_counter() - t0
+    queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def _engine(args, out_dir: str, queue) -> None:
+    import torch
+
+    from genaug.generate.synth import SynthConfig, synthesize
+
+    torch.set_num_threads(args.threads)
+    # Restrict the real data to the same first N images as the stock runs.
+    from genaug.artefacts import DatasetWriter, read_dataset
+
+    ds = read_dataset(args.real_data)
+    subset = Path(out_dir) / "real"
+    with DatasetWriter(subset, ds.class_names) as writer:
+        for i, r in enumerate(ds.records[:args.images]):
+            writer.add(str(r["id"]), ds.image(i), int(r["label"]))
+    cfg = SynthConfig(model=args.model, output=str(Path(out_dir) / "synth"), method="augcond", augcond_mode="none",
+                      real_data=str(subset), per_real=1, prompt_templates=["a photo of a {}"],
+                      guidance_scale=args.guidance, num_inference_steps=args.steps, batch_size=args.batch_size,
+                      device="cpu", seed=0)
+    # The engine's own clock covers sampling and writing (not model loading), like the stock runs'.
+    seconds = synthesize(cfg).seconds
+    queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run(target, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--real-data", default="worlds/default/bench")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {k: Path(tmp) / k for k in ("loop", "batch", "engine")}
+        for d in dirs.values():
+            d.mkdir()
+        loop = run(_stock, args, 1, str(dirs["loop"]))
+        batch = run(_stock, args, args.batch_size, str(dirs["batch"]))
+        engine = run(_engine, args, str(dirs["engine"]))
+        from genaug.artefacts import read_dataset
+
+        ds = read_dataset(dirs["engine"] / "synth")
+        diffs = [np.abs(np.asarray(ds.image(i), dtype=int)
+                        - np.asarray(Image.open(dirs["batch"] / f"{r['id']}.png"), dtype=int)).max()
+                 for i, r in enumerate(ds.records)]
+    n = args.images
+    report = {
+        "images": n, "batch_size": args.batch_size, "steps": args.steps, "threads": args.threads,
+        "stock_loop_images_per_s": round(n / loop["seconds"], 3),
+        "stock_batched_images_per_s": round(n / batch["seconds"], 3),
+        "engine_images_per_s": round(n / engine["seconds"], 3),
+        "engine_vs_stock_loop": round(loop["seconds"] / engine["seconds"], 2),
+        "engine_vs_stock_batched": round(batch["seconds"] / engine["seconds"], 2),
+        "peak_rss_mb": {"stock_loop": round(loop["peak_rss_mb"]), "stock_batched": round(batch["peak_rss_mb"]),
+                        "engine": round(engine["peak_rss_mb"])},
+        "max_pixel_difference_engine_vs_stock_batched": int(max(diffs)),
+        "timed": "sampling + PNG writing; model loading excluded in all three",
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
