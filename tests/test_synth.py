@@ -183,3 +183,24 @@ def test_augcond_without_augmentation_equals_the_stock_unclip_pipeline(kit, real
                      noise_level=0, generator=torch.Generator().manual_seed(row["seed"]), output_type="np").images[0]
         stock = np.round(stock * 255).astype(int)
         assert np.abs(np.asarray(ours.image(i), dtype=int) - stock).max() <= 2, row["id"]
+
+
+def test_shards_merge_into_the_unsharded_dataset(kit, tmp_path):
+    from genaug.errors import ConfigError as Cfg
+
+    whole = synthesize(_cfg(kit, tmp_path / "whole", images_per_class=3))
+    for i in range(2):
+        part = synthesize(_cfg(kit, tmp_path / "sharded", images_per_class=3, shard=f"{i}/2"))
+        assert part.planned == 3
+    merged = synthesize(_cfg(kit, tmp_path / "sharded", images_per_class=3, merge_shards=2))
+    assert merged.generated == whole.generated == 6
+    a, b = read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "sharded")
+    assert [r["id"] for r in a.records] == [r["id"] for r in b.records]
+    for i in range(len(a)):
+        assert np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(i), dtype=int)).max() <= 2
+    with pytest.raises(Cfg, match="in no shard"):
+        synthesize(_cfg(kit, tmp_path / "partial", images_per_class=3, merge_shards=3))
+    with pytest.raises(ValueError, match="i/N"):
+        SynthConfig(model="m", class_names=["a"], shard="2")
+    with pytest.raises(ValueError, match=r"\[0, N\)"):
+        SynthConfig(model="m", class_names=["a"], shard="2/2")

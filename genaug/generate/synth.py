@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artefacts import METADATA, DatasetWriter, GenaugDataset, read_dataset, read_metadata_lines, slugify
+from ..artefacts import (METADATA, DatasetWriter, GenaugDataset, open_image, read_dataset, read_metadata_lines,
+                         safe_child, slugify)
 from ..budget import check_budget, images_per_class_budget
 from ..config import option
 from ..errors import ConfigError, ModelError
@@ -74,6 +75,9 @@ class SynthConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16")
     xformers: bool = option(False, "use xformers attention (CUDA only; torch SDPA is the default)")
+    shard: str = option("", "i/N: generate only the i-th of N interleaved shares of the plan, into "
+                            "OUTPUT/shards/; 'auto' takes i and N from accelerate/torchrun (RANK, WORLD_SIZE)")
+    merge_shards: int = option(0, "N: merge the N finished shards in OUTPUT/shards/ into OUTPUT (no generation)")
 
     def __post_init__(self) -> None:
         self.images_per_class = check_budget(self.images_per_class, self.per_real, self.balance_to,
@@ -97,6 +101,10 @@ class SynthConfig:
         unknown = set(_augcond_parts(self.augcond_mode)) - set(AUGCOND_PARTS)
         if unknown:
             raise ValueError(f"unknown augcond_mode part(s) {sorted(unknown)}; use {', '.join(AUGCOND_PARTS)}")
+        if self.shard and self.shard != "auto":
+            parse_shard(self.shard)
+        if self.merge_shards < 0:
+            raise ValueError("merge_shards must not be negative")
         if self.embedding_noise_std < 0:
             raise ValueError("embedding_noise_std must not be negative")
         if not self.mix_alpha > 0 or not 0.0 <= self.embed_dropout < 1.0 or not 0 <= self.image_noise_level < 1000:
@@ -422,15 +430,48 @@ def create_method(name: str) -> SynthMethod:
     return METHODS[name]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/N" -> (i, N) with 0 <= i < N."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be in [0, N), got {text!r}")
+    return index, count
+
+
+def resolve_shard(text: str) -> tuple[int, int]:
+    """The configured shard; 'auto' reads the launcher's RANK / WORLD_SIZE (accelerate, torchrun)."""
+    import os
+
+    if text == "auto":
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return parse_shard(text) if text else (0, 1)
+
+
+def shard_folder(output: str | Path, index: int, count: int) -> Path:
+    return Path(output) / "shards" / f"{index:05d}-of-{count:05d}"
+
+
 def synthesize(cfg: SynthConfig) -> SynthResult:
-    """Plan, then generate every planned image not yet in ``cfg.output``, batch by batch."""
+    """Plan, then generate every planned image not yet in ``cfg.output``, batch by batch.
+
+    With a shard ``i/N`` only items ``i, i+N, i+2N, ...`` of the plan are generated, into
+    ``OUTPUT/shards/``; every item keeps its id and seed, so the merged result equals an unsharded run.
+    """
     method = create_method(cfg.method)
     real = read_dataset(cfg.real_data) if cfg.real_data else None
     class_names = real.class_names if real is not None else list(cfg.class_names)
     items = method.plan(cfg, class_names, real)
+    if cfg.merge_shards:
+        return merge_synth_shards(cfg, items, class_names)
     real_images = RealImages(real) if real is not None else None
-
+    index, count = resolve_shard(cfg.shard)
     out = Path(cfg.output)
+    if count > 1:
+        items = items[index::count]
+        out = shard_folder(cfg.output, index, count)
     already = {str(r.get("id")) for r in read_metadata_lines(out / "train" / METADATA, tolerate_partial_tail=True)}
     todo = [it for it in items if it.id not in already]
     # Load the model before touching the output, so a bad model path leaves nothing behind.
@@ -461,4 +502,35 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
                          round(len(todo) / seconds, 3) if todo and seconds > 0 else 0.0)
     record.finish({"planned": result.planned, "generated": result.generated, "skipped_existing": skipped,
                    "images_per_second": result.images_per_second})
+    return result
+
+
+def merge_synth_shards(cfg: SynthConfig, items: list[SynthItem], class_names: list[str]) -> SynthResult:
+    """Copy N finished shards into ``cfg.output`` in plan order; refuses while any shard is incomplete."""
+    count = cfg.merge_shards
+    t0 = time.time()
+    shards = [read_metadata_lines(shard_folder(cfg.output, i, count) / "train" / METADATA,
+                                  tolerate_partial_tail=True) for i in range(count)]
+    rows = {str(r["id"]): (i, r) for i, lines in enumerate(shards) for r in lines}
+    missing = [it.id for it in items if it.id not in rows]
+    if missing:
+        raise ConfigError(f"{len(missing)} planned images are in no shard yet (first: {missing[0]})",
+                          where=str(Path(cfg.output) / "shards"),
+                          fix=f"finish every shard (--shard i/{count}) with the same settings, then merge")
+    out = Path(cfg.output)
+    record = RunRecord.start(out / "run", "synth-merge", cfg)
+    info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data, "merged_shards": count}
+    written = 0
+    with DatasetWriter(out, class_names, split="train", info=info) as writer:
+        for it in items:
+            if it.id in writer.done_ids:
+                continue
+            shard, row = rows[it.id]
+            folder = shard_folder(cfg.output, shard, count) / "train"
+            image = open_image(safe_child(folder, row["file_name"]))
+            meta = {k: v for k, v in row.items() if k not in ("file_name", "id", "label", "class_name")}
+            writer.add(it.id, image, int(row["label"]), **meta)
+            written += 1
+    result = SynthResult(out, cfg.method, len(items), written, len(items) - written, round(time.time() - t0, 3), 0.0)
+    record.finish({"merged": written, "shards": count})
     return result
