@@ -59,3 +59,24 @@ def test_missing_instance_data_is_clear(kit, tmp_path):
 
     with pytest.raises(DataError, match="not found"):
         train_lora(_cfg(kit, tmp_path / "nothing", tmp_path / "o"))
+
+
+def test_lora_on_the_unclip_layout_loads_in_stock_diffusers(kit, shape_images, tmp_path):
+    """The embedded generator has SD 2.1-unCLIP's layout: LoRA trains on it text-only (null image condition)."""
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    result = train_lora(_cfg(kit, shape_images, tmp_path / "lora", model=str(kit("unclip")),
+                             validation_prompt="a photo of sks object", validation_steps=6,
+                             num_validation_images=2))
+    assert (tmp_path / "lora" / "validation" / "step-0000006.png").is_file()
+    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(str(kit("unclip")), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = np.full((32, 32, 3), 128, np.uint8)
+    from PIL import Image
+
+    call = dict(image=Image.fromarray(image), prompt="a photo of sks object", num_inference_steps=2,
+                output_type="np")
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(after - before).max() > 1e-4 and result.weights.is_file()

@@ -164,8 +164,10 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     pipe = load_pipeline(cfg.model, device=str(accelerator.device) if cfg.device == "auto" else cfg.device,
                          dtype="float32")
-    if pipeline_family(pipe) != "sd":
-        raise ModelError(f"train-lora supports SD 1.x/2.x layouts, not {pipeline_family(pipe)}", where=cfg.model)
+    family = pipeline_family(pipe)
+    if family not in ("sd", "unclip"):
+        raise ModelError(f"train-lora supports SD 1.x/2.x and SD 2.1-unCLIP layouts, not {family}", where=cfg.model,
+                         fix="use an SD 1.5/2.x or unCLIP checkpoint (or the embedded generator)")
     size = cfg.resolution or default_resolution(pipe)
     out = Path(cfg.output)
 
@@ -180,6 +182,7 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     out.mkdir(parents=True, exist_ok=True)
     record = RunRecord.start(out / "run", "train-lora", cfg)
     vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+    unet_config = unet.config
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
     inst_mean, inst_std = _encode_latents(vae, instance)
@@ -245,8 +248,13 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
         cond = inst_e.expand(n_inst, -1, -1)
         if cls_mean is not None:
             cond = torch.cat([cond, cls_e.expand(len(latents) - n_inst, -1, -1)])
+        # unCLIP layouts learn the concept from text alone: the image condition is the null one
+        # (zeros), exactly what text-only sampling feeds the UNet.
+        class_labels = None
+        if family == "unclip":
+            class_labels = torch.zeros(len(noisy), unet_config.projection_class_embeddings_input_dim, device=dev)
         with accelerator.autocast():
-            pred = unet(noisy.to(dev), timesteps.to(dev), cond).sample
+            pred = unet(noisy.to(dev), timesteps.to(dev), cond, class_labels=class_labels).sample
         pred, target = pred.float(), target.to(dev).float()
         if cls_mean is not None:
             loss = F.mse_loss(pred[:n_inst], target[:n_inst]) + cfg.prior_loss_weight * F.mse_loss(pred[n_inst:], target[n_inst:])
@@ -324,9 +332,15 @@ def _validate(pipe, cfg: LoraTrainConfig, out: Path, step: int, size: int) -> Pa
     from ..artefacts import atomic_write_bytes, encode_png
 
     pipe.unet.eval()
+    from ..generate.sampler import Conditioning, Sampler, to_pil
+
     generators = [torch.Generator("cpu").manual_seed(cfg.seed + i) for i in range(cfg.num_validation_images)]
-    images = pipe(prompt=[cfg.validation_prompt] * cfg.num_validation_images, num_inference_steps=25,
-                  height=size, width=size, generator=generators).images
+    # genaug's sampler draws text-only samples from SD and unCLIP layouts alike (the stock unCLIP
+    # pipeline insists on an image).
+    sampler = Sampler(pipe)
+    pos, neg = sampler.encode_text([cfg.validation_prompt] * len(generators))
+    cond = Conditioning(pos, neg, sampler.class_labels(None, 0, generators, len(generators)))
+    images = to_pil(sampler.sample(cond, generators, size=size, num_steps=25, guidance_scale=7.5))
     pipe.unet.train()
     grid = Image.new("RGB", (size * len(images), size))
     for i, im in enumerate(images):
