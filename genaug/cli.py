@@ -38,6 +38,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "genaug.models.kit:KitConfig", "genaug.models.kit:save_kit_model"),
     Command("train-lora", "DreamBooth-LoRA: fine-tune a LoRA adapter on a few images of a concept",
             "genaug.personalize.lora:LoraTrainConfig", "genaug.personalize.lora:train_lora"),
+    Command("train-ti", "textual inversion: learn new token embeddings for a concept (optionally with a LoRA: "
+            "pivotal tuning)", "genaug.personalize.textual_inversion:TextualInversionConfig",
+            "genaug.personalize.textual_inversion:train_textual_inversion"),
     Command("synth", "generate a synthetic training set with a diffusion model",
             "genaug.generate.synth:SynthConfig", "genaug.generate.synth:synthesize"),
     Command("index", "embed an image pool and index it with faiss (`genaug index build`, `genaug index info`)",

@@ -1,0 +1,209 @@
+"""Textual inversion, after diffusers' ``examples/textual_inversion/textual_inversion.py``.
+
+New placeholder tokens (``num_vectors`` of them: ``<tok>``, ``<tok>_1``, ...) are added to the
+tokenizer, their input embeddings start from an initializer word's, and only those rows are
+trained with the diffusion loss on the concept's images under object templates ("a photo of a
+{}"). Every other embedding row is restored after each step, as in the example. DA-Fusion learns
+one such token per class; DIAGen adds noise to them at generation time.
+
+Pivotal tuning (``--pivotal``): a UNet LoRA is trained jointly with the embeddings.
+
+Output: ``learned_embeds.safetensors`` ``{placeholder: (num_vectors, dim)}`` — loadable with
+``pipe.load_textual_inversion(folder)`` — plus ``adapter_config.json``; with pivotal tuning also
+``pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights``. As in train-lora, each step's
+random draws come from a generator seeded by ``(seed, step)``, so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..artefacts import write_adapter
+from ..checkpoints import list_checkpoints, load_training_state, save_training_state, step_generator
+from ..config import config_to_dict, option
+from ..errors import ConfigError, DataError, ModelError
+from ..models.loading import default_resolution, load_pipeline, pipeline_family, resolve_device
+from ..runs import RunRecord
+from .lora import LORA_WEIGHTS, UNET_TARGETS, _encode_latents, _load_images, save_diffusers_lora
+
+TI_WEIGHTS = "learned_embeds.safetensors"
+OBJECT_TEMPLATES = ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a photo of the {}",
+                    "a bright photo of a {}", "a dark photo of a {}", "a photo of a small {}", "a photo of a large {}",
+                    "a cropped photo of a {}", "a good photo of a {}"]
+
+
+@dataclass
+class TextualInversionConfig:
+    """Learn new token embeddings for a concept from a few images (textual inversion)."""
+
+    model: str = option("embedded", "base model: a diffusers folder, a cached hub id, or embedded")
+    instance_data: str = option("", "images of the concept: a genaug/imagefolder dataset or a flat folder")
+    instance_class: str | None = option(None, "use only this class of instance_data (by class name)")
+    placeholder_token: str = option("<sks>", "the new token (extra vectors get _1, _2, ... suffixes)")
+    initializer_token: str = option("object", "a single-token word whose embedding starts every new vector")
+    num_vectors: int = option(4, "vectors per concept (DA-Fusion: 4)")
+    templates: list[str] = option(help="training prompt templates, '{}' is the placeholder",
+                                  factory=lambda: list(OBJECT_TEMPLATES))
+    output: str = option("adapters/ti", "adapter folder to write")
+    learning_rate: float = option(5e-3, "AdamW learning rate of the embeddings")
+    max_train_steps: int = option(300, "optimizer steps")
+    train_batch_size: int = option(4, "images per step")
+    pivotal: bool = option(False, "pivotal tuning: train a UNet LoRA jointly with the embeddings")
+    rank: int = option(4, "pivotal tuning: LoRA rank")
+    lora_learning_rate: float = option(1e-4, "pivotal tuning: LoRA learning rate")
+    resolution: int | None = option(None, "training resolution (default: the model's native size)")
+    random_flip: bool = option(True, "horizontal flips of the instance images")
+    checkpointing_steps: int = option(0, "save a resumable checkpoint every N steps (0: never)")
+    resume: bool = option(True, "resume from the newest checkpoint in output/checkpoints")
+    seed: int = option(0, "seed of every random draw")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        if self.num_vectors < 1 or self.max_train_steps < 1 or self.train_batch_size < 1 or self.rank < 1:
+            raise ValueError("num_vectors, max_train_steps, train_batch_size and rank must be >= 1")
+        if not self.learning_rate > 0 or not self.lora_learning_rate > 0:
+            raise ValueError("learning rates must be > 0")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ValueError("every template needs a '{}' for the placeholder")
+        if not self.placeholder_token.strip() or " " in self.placeholder_token:
+            raise ValueError("placeholder_token must be one word without spaces")
+        if self.checkpointing_steps < 0:
+            raise ValueError("checkpointing_steps must be >= 0")
+
+
+@dataclass
+class TextualInversionResult:
+    output: Path
+    weights: Path
+    tokens: list[str]
+    steps: int
+    resumed_from: int
+    final_loss: float
+    seconds: float
+
+
+def add_placeholder_tokens(tokenizer, text_encoder, placeholder: str, initializer: str,
+                           num_vectors: int) -> list[int]:
+    """Add ``placeholder`` (+ ``_1``...) to the tokenizer, embeddings initialized from ``initializer``."""
+    tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+    if tokenizer.add_tokens(tokens) != num_vectors:
+        raise ConfigError(f"the tokenizer already has {placeholder!r}", where="placeholder_token",
+                          fix="choose a token the base model does not know, e.g. <my-concept>")
+    init_ids = tokenizer.encode(initializer, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise ConfigError(f"initializer {initializer!r} is {len(init_ids)} tokens, not one", where="initializer_token",
+                          fix="use a single-token word such as object, shape, dog")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    with torch.no_grad():
+        weight = text_encoder.get_input_embeddings().weight
+        weight[ids] = weight[init_ids[0]].clone()
+    return ids
+
+
+def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResult:
+    from diffusers import DDPMScheduler
+
+    if not cfg.instance_data:
+        raise ConfigError("instance_data is required", fix="pass --instance-data <folder of concept images>")
+    if not Path(cfg.instance_data).exists():
+        raise DataError("instance data folder not found", where=cfg.instance_data)
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.model, device=str(device), dtype="float32")
+    family = pipeline_family(pipe)
+    if family not in ("sd", "unclip"):
+        raise ModelError(f"train-ti supports SD 1.x/2.x and SD 2.1-unCLIP layouts, not {family}", where=cfg.model)
+    size = cfg.resolution or default_resolution(pipe)
+    out = Path(cfg.output)
+    pixels = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
+    if cfg.random_flip:
+        pixels = torch.cat([pixels, pixels.flip(-1)])
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    token_ids = add_placeholder_tokens(tokenizer, text_encoder, cfg.placeholder_token, cfg.initializer_token,
+                                       cfg.num_vectors)
+    placeholder_text = " ".join(tokenizer.convert_ids_to_tokens(token_ids))
+    out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord.start(out / "run", "train-ti", cfg)
+    for module in (vae, unet, text_encoder):
+        module.requires_grad_(False)
+    embeddings = text_encoder.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    original = embeddings.detach().clone()
+    keep_fixed = torch.ones(len(original), dtype=torch.bool)
+    keep_fixed[token_ids] = False
+    latent_mean, latent_std = _encode_latents(vae, pixels)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    params = {"text_encoder.embeddings": embeddings}
+    groups = [{"params": [embeddings], "lr": cfg.learning_rate, "weight_decay": 0.0}]
+    if cfg.pivotal:
+        from peft import LoraConfig
+
+        torch.manual_seed(cfg.seed)
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
+                                    target_modules=UNET_TARGETS))
+        lora = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+        params.update(lora)
+        groups.append({"params": list(lora.values()), "lr": cfg.lora_learning_rate})
+    optimizer = torch.optim.AdamW(groups)
+    start = 0
+    if cfg.resume and list_checkpoints(out / "checkpoints"):
+        start = load_training_state(list_checkpoints(out / "checkpoints")[-1], params, optimizer)
+    class_dim = unet.config.projection_class_embeddings_input_dim if family == "unclip" else None
+    scaling = vae.config.scaling_factor
+    text_encoder.train()
+    unet.train()
+    t0 = time.time()
+    loss_value = float("nan")
+    bar = tqdm(range(start, cfg.max_train_steps), desc="train-ti", unit="step", dynamic_ncols=True)
+    for step in bar:
+        g = step_generator(cfg.seed, step)
+        idx = torch.randint(0, len(latent_mean), (cfg.train_batch_size,), generator=g)
+        latents = (latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=g)) * scaling
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+        templates = torch.randint(0, len(cfg.templates), (len(latents),), generator=g).tolist()
+        prompts = [cfg.templates[t].format(placeholder_text) for t in templates]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps).to(device)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+            noise_scheduler.get_velocity(latents, noise, timesteps)
+        labels = torch.zeros(len(latents), class_dim, device=device) if class_dim else None
+        pred = unet(noisy, timesteps.to(device), text_encoder(ids)[0], class_labels=labels).sample
+        loss = F.mse_loss(pred.float(), target.to(device).float())
+        if not torch.isfinite(loss):
+            raise ModelError(f"loss became {loss.item()} at step {step}", where=cfg.output,
+                             fix="lower the learning rate")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # only the placeholder rows learn
+            embeddings[keep_fixed] = original[keep_fixed].to(embeddings)
+        loss_value = float(loss.detach())
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        done = step + 1
+        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+            save_training_state(out / "checkpoints", done, params, optimizer, info={"loss": loss_value})
+    bar.close()
+    learned = embeddings.detach()[token_ids].cpu()
+    config = {"type": "textual_inversion", "format": "diffusers", "base_model": cfg.model,
+              "placeholder_token": cfg.placeholder_token, "tokens": tokenizer.convert_ids_to_tokens(token_ids),
+              "prompt_text": placeholder_text, "num_vectors": cfg.num_vectors, "pivotal": cfg.pivotal,
+              "steps": cfg.max_train_steps, "final_loss": loss_value, "resolution": size,
+              "config": config_to_dict(cfg)}
+    if cfg.pivotal:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        save_diffusers_lora(pipe, out, convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)), None)
+        config["lora_weights"] = LORA_WEIGHTS
+    weights = write_adapter(out, TI_WEIGHTS, {cfg.placeholder_token: learned}, config)
+    seconds = round(time.time() - t0, 3)
+    record.finish({"final_loss": loss_value, "steps": cfg.max_train_steps, "seconds": seconds})
+    return TextualInversionResult(out, weights, config["tokens"], cfg.max_train_steps, start, loss_value, seconds)

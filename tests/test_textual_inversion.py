@@ -1,0 +1,76 @@
+"""Textual inversion: only the new rows learn, the file loads in stock diffusers, pivotal tuning, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genaug.artefacts import read_adapter_config, read_safetensors
+from genaug.errors import ConfigError
+from genaug.personalize.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+
+def _cfg(kit, data, out, arch="sd15", **kw):
+    base = dict(model=str(kit(arch)), instance_data=str(data), output=str(out), max_train_steps=6,
+                train_batch_size=2, learning_rate=5e-2, num_vectors=2, placeholder_token="<toy>",
+                initializer_token="object", device="cpu", seed=0)
+    base.update(kw)
+    return TextualInversionConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "unclip"])
+def test_ti_trains_and_stock_diffusers_loads_it(kit, shape_images, tmp_path, arch):
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    result = train_textual_inversion(_cfg(kit, shape_images, tmp_path / "ti", arch))
+    tensors, _ = read_safetensors(result.weights)
+    assert list(tensors) == ["<toy>"] and tensors["<toy>"].shape[0] == 2
+    assert result.tokens == ["<toy>", "<toy>_1"]
+    config = read_adapter_config(tmp_path / "ti")
+    assert config["type"] == "textual_inversion" and config["prompt_text"] == "<toy> <toy>_1"
+
+    pipe = DiffusionPipeline.from_pretrained(str(kit(arch)), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    # The learned vectors moved away from the initializer's embedding.
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.encode("object",
+                                                                                  add_special_tokens=False)[0]]
+    assert (tensors["<toy>"] - init).abs().max() > 1e-4
+    call = dict(prompt="a photo of a <toy>", num_inference_steps=2, output_type="np")
+    if arch == "unclip":
+        call["image"] = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+    else:
+        call.update(height=32, width=32)
+    pipe.load_textual_inversion(str(tmp_path / "ti"))
+    # Multi-vector: diffusers expands the placeholder in prompts to all its tokens.
+    assert pipe.maybe_convert_prompt("a photo of a <toy>", pipe.tokenizer) == "a photo of a <toy> <toy>_1"
+    with_token = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    plain = pipe(**{**call, "prompt": "a photo of a object"}, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(with_token - plain).max() > 1e-4
+
+
+def test_pivotal_tuning_writes_both_adapters(kit, shape_images, tmp_path):
+    result = train_textual_inversion(_cfg(kit, shape_images, tmp_path / "piv", pivotal=True))
+    lora, _ = read_safetensors(tmp_path / "piv" / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("unet.") for k in lora)
+    assert read_adapter_config(tmp_path / "piv")["lora_weights"] == "pytorch_lora_weights.safetensors"
+    assert result.weights.is_file()
+
+
+def test_resumed_run_matches_an_uninterrupted_one(kit, shape_images, tmp_path):
+    full = train_textual_inversion(_cfg(kit, shape_images, tmp_path / "full", max_train_steps=6))
+    train_textual_inversion(_cfg(kit, shape_images, tmp_path / "res", max_train_steps=4, checkpointing_steps=2))
+    resumed = train_textual_inversion(_cfg(kit, shape_images, tmp_path / "res", max_train_steps=6,
+                                           checkpointing_steps=2))
+    assert resumed.resumed_from == 2
+    a, _ = read_safetensors(full.weights)
+    b, _ = read_safetensors(resumed.weights)
+    assert torch.allclose(a["<toy>"], b["<toy>"], atol=1e-6)
+
+
+def test_bad_tokens_are_refused(kit, shape_images, tmp_path):
+    with pytest.raises(ConfigError, match="not one"):
+        train_textual_inversion(_cfg(kit, shape_images, tmp_path / "a", initializer_token="red circle"))
+    with pytest.raises(ValueError, match="without spaces"):
+        TextualInversionConfig(placeholder_token="two words")
