@@ -150,6 +150,20 @@ def _ensure_class_images(cfg: LoraTrainConfig, out: Path, size: int) -> str:
     return folder
 
 
+def load_base_for_personalization(model: str, instance_data: str, command: str, device: str):
+    """Check the concept images exist, load the base model in float32, check its layout: ``(pipe, family)``."""
+    if not instance_data:
+        raise ConfigError("instance_data is required", fix="pass --instance-data <folder of concept images>")
+    if not Path(instance_data).exists():
+        raise DataError("instance data folder not found", where=instance_data)
+    pipe = load_pipeline(model, device=device, dtype="float32")
+    family = pipeline_family(pipe)
+    if family not in ("sd", "unclip"):
+        raise ModelError(f"{command} supports SD 1.x/2.x and SD 2.1-unCLIP layouts, not {family}", where=model,
+                         fix="use an SD 1.5/2.x or unCLIP checkpoint (or the embedded generator)")
+    return pipe, family
+
+
 def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -157,17 +171,9 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    if not cfg.instance_data:
-        raise ConfigError("instance_data is required", fix="pass --instance-data <folder of concept images>")
-    if not Path(cfg.instance_data).exists():
-        raise DataError("instance data folder not found", where=cfg.instance_data)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
-    pipe = load_pipeline(cfg.model, device=str(accelerator.device) if cfg.device == "auto" else cfg.device,
-                         dtype="float32")
-    family = pipeline_family(pipe)
-    if family not in ("sd", "unclip"):
-        raise ModelError(f"train-lora supports SD 1.x/2.x and SD 2.1-unCLIP layouts, not {family}", where=cfg.model,
-                         fix="use an SD 1.5/2.x or unCLIP checkpoint (or the embedded generator)")
+    pipe, family = load_base_for_personalization(cfg.model, cfg.instance_data, "train-lora",
+                                                 str(accelerator.device) if cfg.device == "auto" else cfg.device)
     size = cfg.resolution or default_resolution(pipe)
     out = Path(cfg.output)
 

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from ..artefacts import write_adapter
 from ..checkpoints import list_checkpoints, load_training_state, save_training_state, step_generator
 from ..config import config_to_dict, option
-from ..errors import ConfigError, DataError, ModelError
-from ..models.loading import default_resolution, load_pipeline, pipeline_family, resolve_device
+from ..errors import ConfigError, ModelError
+from ..models.loading import default_resolution, resolve_device
 from ..runs import RunRecord
-from .lora import LORA_WEIGHTS, UNET_TARGETS, _encode_latents, _load_images, save_diffusers_lora
+from .lora import (LORA_WEIGHTS, UNET_TARGETS, _encode_latents, _load_images, load_base_for_personalization,
+                   save_diffusers_lora)
 
 TI_WEIGHTS = "learned_embeds.safetensors"
 OBJECT_TEMPLATES = ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a photo of the {}",
@@ -110,15 +111,8 @@ def add_placeholder_tokens(tokenizer, text_encoder, placeholder: str, initialize
 def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResult:
     from diffusers import DDPMScheduler
 
-    if not cfg.instance_data:
-        raise ConfigError("instance_data is required", fix="pass --instance-data <folder of concept images>")
-    if not Path(cfg.instance_data).exists():
-        raise DataError("instance data folder not found", where=cfg.instance_data)
     device = resolve_device(cfg.device)
-    pipe = load_pipeline(cfg.model, device=str(device), dtype="float32")
-    family = pipeline_family(pipe)
-    if family not in ("sd", "unclip"):
-        raise ModelError(f"train-ti supports SD 1.x/2.x and SD 2.1-unCLIP layouts, not {family}", where=cfg.model)
+    pipe, family = load_base_for_personalization(cfg.model, cfg.instance_data, "train-ti", str(device))
     size = cfg.resolution or default_resolution(pipe)
     out = Path(cfg.output)
     pixels = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
