@@ -41,6 +41,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("train-ti", "textual inversion: learn new token embeddings for a concept (optionally with a LoRA: "
             "pivotal tuning)", "genaug.personalize.textual_inversion:TextualInversionConfig",
             "genaug.personalize.textual_inversion:train_textual_inversion"),
+    Command("eval-personalization", "score adapters on their concept: CLIP-I, CLIP-T, feature similarity, oracle "
+            "accuracy, against the base model", "genaug.personalize.evaluate:EvalPersonalizationConfig",
+            "genaug.personalize.evaluate:evaluate_personalization"),
     Command("synth", "generate a synthetic training set with a diffusion model",
             "genaug.generate.synth:SynthConfig", "genaug.generate.synth:synthesize"),
     Command("index", "embed an image pool and index it with faiss (`genaug index build`, `genaug index info`)",
