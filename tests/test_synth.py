@@ -204,3 +204,24 @@ def test_shards_merge_into_the_unsharded_dataset(kit, tmp_path):
         SynthConfig(model="m", class_names=["a"], shard="2")
     with pytest.raises(ValueError, match=r"\[0, N\)"):
         SynthConfig(model="m", class_names=["a"], shard="2/2")
+
+
+def test_adapters_and_class_words_reach_the_prompts(kit, shape_images, tmp_path):
+    from genaug.personalize.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+    train_textual_inversion(TextualInversionConfig(model=str(kit("sd15")), instance_data=str(shape_images),
+                                                   output=str(tmp_path / "ti"), placeholder_token="<circ>",
+                                                   num_vectors=2, max_train_steps=2, train_batch_size=2,
+                                                   device="cpu"))
+    cfg = _cfg(kit, tmp_path / "with", adapters=[str(tmp_path / "ti")], class_words={"red circle": "<circ>"},
+               prompt_templates=["a photo of a {}"])
+    synthesize(cfg)
+    rows = read_dataset(tmp_path / "with").records
+    assert {r["prompt"] for r in rows if r["label"] == 0} == {"a photo of a <circ>"}
+    assert {r["prompt"] for r in rows if r["label"] == 1} == {"a photo of a blue square"}
+    assert rows[0]["adapters"] == [str(tmp_path / "ti")]
+    synthesize(_cfg(kit, tmp_path / "without", prompt_templates=["a photo of a {}"]))
+    plain = read_dataset(tmp_path / "without")
+    with_ti = read_dataset(tmp_path / "with")
+    # The learned token changes class 0's images; class 1's prompt is untouched by it.
+    assert np.asarray(with_ti.image(0)).tolist() != np.asarray(plain.image(0)).tolist()

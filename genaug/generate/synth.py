@@ -75,6 +75,11 @@ class SynthConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16")
     xformers: bool = option(False, "use xformers attention (CUDA only; torch SDPA is the default)")
+    adapters: list[str] = option(help="adapter folders to load (LoRA, textual inversion, merged), e.g. DA-Fusion's "
+                                      "per-class tokens", factory=list)
+    adapter_weights: list[float] = option(help="one weight per adapter (LoRA scale; default 1)", factory=list)
+    class_words: dict = option(help="words that stand for a class in prompts, e.g. {'dotted star': '<star>'} "
+                                    "(default: the class name)", factory=dict)
     shard: str = option("", "i/N: generate only the i-th of N interleaved shares of the plan, into "
                             "OUTPUT/shards/; 'auto' takes i and N from accelerate/torchrun (RANK, WORLD_SIZE)")
     merge_shards: int = option(0, "N: merge the N finished shards in OUTPUT/shards/ into OUTPUT (no generation)")
@@ -101,6 +106,11 @@ class SynthConfig:
         unknown = set(_augcond_parts(self.augcond_mode)) - set(AUGCOND_PARTS)
         if unknown:
             raise ValueError(f"unknown augcond_mode part(s) {sorted(unknown)}; use {', '.join(AUGCOND_PARTS)}")
+        if self.adapter_weights and len(self.adapter_weights) != len(self.adapters):
+            raise ValueError("give one adapter weight per adapter (or none)")
+        unknown_words = {k: v for k, v in self.class_words.items() if not isinstance(v, str)}
+        if unknown_words:
+            raise ValueError(f"class_words values must be strings, got {unknown_words}")
         if self.shard and self.shard != "auto":
             parse_shard(self.shard)
         if self.merge_shards < 0:
@@ -149,7 +159,7 @@ def plan_text(cfg: SynthConfig, class_names: list[str], real: GenaugDataset | No
         for j in range(n):
             item_id = f"{label:04d}-{slugify(name, 32)}-{j:06d}"
             template = cfg.prompt_templates[j % len(cfg.prompt_templates)]
-            items.append(SynthItem(item_id, label, name, fill(template, name), item_seed(cfg.seed, item_id),
+            items.append(SynthItem(item_id, label, name, fill(template, cfg.class_words.get(name, name)), item_seed(cfg.seed, item_id),
                                    cfg.negative_prompt, params={"template": template}))
     return items
 
@@ -216,7 +226,7 @@ def _plan_from_real(cfg: SynthConfig, class_names: list[str], real: GenaugDatase
             rng = np.random.default_rng(seed)
             template = cfg.prompt_templates[j % len(cfg.prompt_templates)]
             params = {"template": template, **extra(rng, label, j, members, images)}
-            items.append(SynthItem(item_id, label, name, fill(template, name), seed, cfg.negative_prompt,
+            items.append(SynthItem(item_id, label, name, fill(template, cfg.class_words.get(name, name)), seed, cfg.negative_prompt,
                                    source=source, params=params))
     return items
 
@@ -476,6 +486,10 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
     todo = [it for it in items if it.id not in already]
     # Load the model before touching the output, so a bad model path leaves nothing behind.
     pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, xformers=cfg.xformers) if todo else None
+    if pipe is not None and cfg.adapters:
+        from ..personalize.evaluate import load_adapters
+
+        load_adapters(pipe, cfg.adapters, cfg.adapter_weights)
     if pipe is not None and method.name != "text":
         _sampler_for(pipe, method.name, needs_unclip=method.name == "augcond")  # refuse before writing anything
     record = RunRecord.start(out / "run", "synth", cfg)
@@ -494,7 +508,7 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
                     writer.add(it.id, image, it.label, method=cfg.method, prompt=it.prompt,
                                negative_prompt=it.negative_prompt, seed=it.seed, source=it.source,
                                guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
-                               model=cfg.model, sample_weight=1.0, **it.params)
+                               model=cfg.model, adapters=cfg.adapters, sample_weight=1.0, **it.params)
                 bar.update(len(batch))
             bar.close()
         seconds = time.time() - t0
