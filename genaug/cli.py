@@ -44,6 +44,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("eval-personalization", "score adapters on their concept: CLIP-I, CLIP-T, feature similarity, oracle "
             "accuracy, against the base model", "genaug.personalize.evaluate:EvalPersonalizationConfig",
             "genaug.personalize.evaluate:evaluate_personalization"),
+    Command("merge-lora", "merge LoRA adapters: exact weighted sum (linear) or ZipLoRA's learned per-column merge",
+            "genaug.personalize.merge:MergeLoraConfig", "genaug.personalize.merge:merge_lora"),
     Command("synth", "generate a synthetic training set with a diffusion model",
             "genaug.generate.synth:SynthConfig", "genaug.generate.synth:synthesize"),
     Command("index", "embed an image pool and index it with faiss (`genaug index build`, `genaug index info`)",
