@@ -59,6 +59,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "genaug.evaluate.protocols:FewShotConfig", "genaug.evaluate.protocols:run_fewshot"),
     Command("filter", "score a synthetic dataset (CLIP score, classifier confidence, test near-duplicates); keep "
             "and weight", "genaug.generate.filtering:FilterConfig", "genaug.generate.filtering:filter_dataset"),
+    Command("report", "compare methods side by side: long-tail and few-shot tables with intervals, plots, samples, "
+            "generation metrics (Markdown + one self-contained HTML page)", "genaug.evaluate.report:ReportConfig",
+            "genaug.evaluate.report:build_report"),
     Command("run", "run a recipe (pipelines/*.yaml) stage by stage, reusing unchanged stages",
             "genaug.recipes:RecipeConfig", "genaug.recipes:run_recipe"),
 ]}
