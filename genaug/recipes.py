@@ -11,6 +11,9 @@ a changed one reruns everything downstream.
       - name: model
         command: kit
         config: {arch: sd15, output: "${output}/model"}
+
+A stage with ``foreach: {k: [1, 4], trial: [0, 1]}`` runs once per combination, with ``${k}`` and
+``${trial}`` in its config; its instances are named ``<name>-k1-trial0`` and so on.
 """
 
 from __future__ import annotations
@@ -84,6 +87,19 @@ def _interpolate(value: Any, variables: dict[str, str]) -> Any:
     return value
 
 
+def _expand_foreach(foreach: Any, where: str) -> list[dict[str, str]]:
+    """``{k: [1, 2], trial: [0, 1]}`` -> one variable binding per combination, in order (k outermost)."""
+    if foreach is None:
+        return [{}]
+    if not isinstance(foreach, dict) or not foreach or not all(isinstance(v, list) and v for v in foreach.values()):
+        raise ConfigError("`foreach` maps variable names to non-empty lists", where=where,
+                          fix="e.g. foreach: {k: [1, 2, 4], trial: [0, 1]}, used as ${k} and ${trial}")
+    bindings: list[dict[str, str]] = [{}]
+    for key, values in foreach.items():
+        bindings = [{**b, str(key): str(v)} for b in bindings for v in values]
+    return bindings
+
+
 def _result_dict(result: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(result):
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
@@ -115,19 +131,22 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
     names = set()
     for i, stage in enumerate(stages):
         where = f"{path}: stages[{i}]"
-        if not isinstance(stage, dict) or set(stage) - {"name", "command", "config"} or "command" not in stage:
-            raise ConfigError("each stage needs `command` and may have `name` and `config`", where=where)
-        name = str(stage.get("name", stage["command"]))
-        if name in names:
-            raise ConfigError(f"duplicate stage name {name!r}", where=where)
-        names.add(name)
+        if not isinstance(stage, dict) or set(stage) - {"name", "command", "config", "foreach"} \
+                or "command" not in stage:
+            raise ConfigError("each stage needs `command` and may have `name`, `config` and `foreach`", where=where)
         command = stage["command"]
         if command not in COMMANDS or command == "run":
             raise ConfigError(f"unknown command {command!r}", where=where,
                               fix=f"use one of {sorted(set(COMMANDS) - {'run'})}")
-        config = config_from_dict(_load(COMMANDS[command].config), _interpolate(stage.get("config") or {}, variables),
-                                  source=f"{where} ({name})")
-        planned.append((name, command, config))
+        for extra in _expand_foreach(stage.get("foreach"), where):
+            name = str(stage.get("name", command)) + "".join(f"-{k}{v}" for k, v in extra.items())
+            if name in names:
+                raise ConfigError(f"duplicate stage name {name!r}", where=where)
+            names.add(name)
+            config = config_from_dict(_load(COMMANDS[command].config),
+                                      _interpolate(stage.get("config") or {}, {**variables, **extra}),
+                                      source=f"{where} ({name})")
+            planned.append((name, command, config))
     missing = set(cfg.only) - names
     if missing:
         raise ConfigError(f"--only names unknown stage {sorted(missing)[0]!r}", fix=f"stages are {sorted(names)}")

@@ -69,3 +69,32 @@ def test_shipped_recipes_validate():
         # --only with an unknown stage fails after validation, so nothing runs.
         with pytest.raises(ConfigError, match="unknown stage"):
             run_recipe(RecipeConfig(recipe=str(recipe), only=["__none__"]))
+
+
+def test_foreach_expands_a_stage_per_combination(tmp_path):
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text("""
+name: grid
+stages:
+  - name: model
+    command: kit
+    config: {arch: sd15, output: "${output}/model"}
+  - name: synth
+    command: synth
+    foreach: {n: [1, 2], seed: [0, 5]}
+    config:
+      model: ${output}/model
+      output: ${output}/data-${n}-${seed}
+      class_names: [a]
+      images_per_class: ${n}
+      seed: ${seed}
+      num_inference_steps: 1
+      device: cpu
+""")
+    result = run_recipe(RecipeConfig(recipe=str(recipe), output=str(tmp_path / "out")))
+    names = [s.name for s in result.stages]
+    assert names == ["model", "synth-n1-seed0", "synth-n1-seed5", "synth-n2-seed0", "synth-n2-seed5"]
+    assert len(load_hf_dataset(tmp_path / "out" / "data-2-5")["train"]) == 2
+    recipe.write_text(recipe.read_text().replace("foreach: {n: [1, 2], seed: [0, 5]}", "foreach: {n: []}"))
+    with pytest.raises(ConfigError, match="non-empty lists"):
+        run_recipe(RecipeConfig(recipe=str(recipe), output=str(tmp_path / "out2")))

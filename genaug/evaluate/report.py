@@ -262,7 +262,7 @@ def build_report(cfg: ReportConfig) -> ReportResult:
     # Markdown.
     md = [f"# {cfg.title}", ""]
     if longtail:
-        md += ["## Long-tail", "", "| method | runs | extra images | overall | balanced | many | medium | few |",
+        md += ["## Classifiers", "", "| method | runs | extra images | overall | balanced | many | medium | few |",
                "|---|---|---|---|---|---|---|---|"]
         md += [f"| {n} | {r['runs']} | {r['extra_images']} | {_fmt(*r['accuracy'])} | "
                f"{_fmt(*r['balanced_accuracy'])} | {_fmt(*r['many'])} | {_fmt(*r['medium'])} | {_fmt(*r['few'])} |"
