@@ -44,6 +44,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("eval-personalization", "score adapters on their concept: CLIP-I, CLIP-T, feature similarity, oracle "
             "accuracy, against the base model", "genaug.personalize.evaluate:EvalPersonalizationConfig",
             "genaug.personalize.evaluate:evaluate_personalization"),
+    Command("train-multiconcept", "DisenDiff: several concepts from one image, modifier tokens + cross-attention "
+            "K/V with attention calibration", "genaug.personalize.multiconcept:MultiConceptConfig",
+            "genaug.personalize.multiconcept:train_multiconcept"),
     Command("merge-lora", "merge LoRA adapters: exact weighted sum (linear) or ZipLoRA's learned per-column merge",
             "genaug.personalize.merge:MergeLoraConfig", "genaug.personalize.merge:merge_lora"),
     Command("synth", "generate a synthetic training set with a diffusion model",

@@ -76,7 +76,11 @@ def load_adapters(pipe, adapters: list[str], weights: list[float]) -> list[str]:
         if kind not in ("lora", "textual_inversion"):
             raise ConfigError(f"unknown adapter type {kind!r}", where=str(folder),
                               fix="give a folder written by train-lora, train-ti or merge-lora")
-        if kind == "textual_inversion":
+        if config.get("method") == "disendiff":
+            from .multiconcept import load_multiconcept
+
+            load_multiconcept(pipe, folder, load_lora=False)  # its LoRA (if any) loads below, with a weight
+        elif kind == "textual_inversion":
             pipe.load_textual_inversion(str(folder))
         if kind == "lora" or config.get("lora_weights"):
             names.append(f"adapter{i}")
