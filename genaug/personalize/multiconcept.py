@@ -40,7 +40,7 @@ from ..errors import ConfigError, DataError
 from ..models.loading import default_resolution, resolve_device
 from ..runs import RunRecord
 from .lora import _encode_latents, _load_images, load_base_for_personalization
-from .textual_inversion import TI_WEIGHTS, add_placeholder_tokens
+from .textual_inversion import TI_WEIGHTS, TrainableRows, add_placeholder_tokens
 
 KV_WEIGHTS = "multiconcept_kv.safetensors"
 
@@ -278,11 +278,8 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
     singles = [cfg.single_template.format(p) for p in phrases]
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
-    embeddings = text_encoder.get_input_embeddings().weight
-    embeddings.requires_grad_(True)
-    original = embeddings.detach().clone()
-    keep_fixed = torch.ones(len(original), dtype=torch.bool)
-    keep_fixed[modifier_ids] = False
+    rows = TrainableRows(text_encoder, modifier_ids)
+    embeddings = rows.weight
     kv = _cross_kv_modules(unet)
     if cfg.kv == "full":
         kv_params = [p for m in kv.values() for p in m.parameters()]
@@ -347,8 +344,7 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            embeddings[keep_fixed] = original[keep_fixed].to(embeddings)
+        rows.restore()
         loss_value = float(loss.detach())
         history.append(entry)
     unet.set_attn_processor(original_processors)

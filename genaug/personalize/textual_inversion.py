@@ -108,6 +108,21 @@ def add_placeholder_tokens(tokenizer, text_encoder, placeholder: str, initialize
     return ids
 
 
+class TrainableRows:
+    """Only some rows of the token embedding learn: the rest are put back after every optimizer step."""
+
+    def __init__(self, text_encoder, token_ids: list[int]):
+        self.weight = text_encoder.get_input_embeddings().weight
+        self.weight.requires_grad_(True)
+        self.original = self.weight.detach().clone()
+        self.fixed = torch.ones(len(self.original), dtype=torch.bool)
+        self.fixed[token_ids] = False
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.weight[self.fixed] = self.original[self.fixed].to(self.weight)
+
+
 def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResult:
     from diffusers import DDPMScheduler
 
@@ -126,11 +141,8 @@ def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResu
     record = RunRecord.start(out / "run", "train-ti", cfg)
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
-    embeddings = text_encoder.get_input_embeddings().weight
-    embeddings.requires_grad_(True)
-    original = embeddings.detach().clone()
-    keep_fixed = torch.ones(len(original), dtype=torch.bool)
-    keep_fixed[token_ids] = False
+    rows = TrainableRows(text_encoder, token_ids)
+    embeddings = rows.weight
     latent_mean, latent_std = _encode_latents(vae, pixels)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     params = {"text_encoder.embeddings": embeddings}
@@ -177,8 +189,7 @@ def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResu
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # only the placeholder rows learn
-            embeddings[keep_fixed] = original[keep_fixed].to(embeddings)
+        rows.restore()  # only the placeholder rows learn
         loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
