@@ -225,3 +225,52 @@ def test_adapters_and_class_words_reach_the_prompts(kit, shape_images, tmp_path)
     with_ti = read_dataset(tmp_path / "with")
     # The learned token changes class 0's images; class 1's prompt is untouched by it.
     assert np.asarray(with_ti.image(0)).tolist() != np.asarray(plain.image(0)).tolist()
+
+
+def test_embedding_cutmix_mixes_feature_dimensions_not_batch_rows():
+    from genaug.generate.synth import augment_embeddings
+
+    own = torch.arange(3 * 10, dtype=torch.float32).view(3, 10)         # rows 0..2, distinct values
+    partner = -torch.arange(1, 3 * 10 + 1, dtype=torch.float32).view(3, 10)
+    out = augment_embeddings(own, partner, [0.7, 0.5, 0.2], [1, 2, 3], ["embed_cutmix"], 0.0)
+    for b, lam in enumerate([0.7, 0.5, 0.2]):
+        from_partner = out[b] == partner[b]
+        assert torch.all(from_partner | (out[b] == own[b]))           # each feature from its own row or partner
+        assert int(from_partner.sum()) == round((1 - lam) * 10)         # (1 - lambda) of the features swapped
+    assert not torch.equal(out[0] == partner[0], out[1] == partner[1])  # per-item masks
+    mixed = augment_embeddings(own, partner, [0.25, 0.5, 1.0], [1, 2, 3], ["embed_mixup"], 0.0)
+    assert torch.allclose(mixed[0], 0.25 * own[0] + 0.75 * partner[0]) and torch.equal(mixed[2], own[2])
+    dropped = augment_embeddings(own + 1, None, [1.0] * 3, [1, 2, 3], ["embed_dropout"], 0.4)
+    zero = dropped == 0
+    assert 0 < int(zero.sum()) < 30 and torch.allclose(dropped[~zero], (own + 1)[~zero] / 0.6)
+
+
+def test_image_method_resumes_after_a_crash_to_the_same_images(kit, real_data, tmp_path, monkeypatch):
+    import genaug.generate.synth as synth_module
+
+    def run(out):
+        return synthesize(_cfg(kit, out, model=str(kit("unclip")), method="augcond", real_data=str(real_data),
+                               images_per_class=0, per_real=2, class_names=[], batch_size=3))
+
+    run(tmp_path / "whole")
+    original = synth_module.DatasetWriter.add
+    calls = {"n": 0}
+
+    def crash(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as if killed while writing the 5th image
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(synth_module.DatasetWriter, "add", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.setattr(synth_module.DatasetWriter, "add", original)
+    assert len(read_dataset(tmp_path / "killed")) == 4
+    again = run(tmp_path / "killed")
+    assert again.generated == 4 and again.skipped_existing == 4
+    a, b = read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "killed")
+    by_id = {r["id"]: i for i, r in enumerate(b.records)}
+    assert sorted(by_id) == sorted(r["id"] for r in a.records)
+    for i, r in enumerate(a.records):
+        assert np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(by_id[r["id"]]), dtype=int)).max() <= 2

@@ -318,6 +318,30 @@ def generate_img2img(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, 
     return _sample_img2img(sampler, items, real.unit([it.source for it in items], size), cfg, size)
 
 
+def augment_embeddings(embeds: torch.Tensor, partner: torch.Tensor | None, lams: list[float], seeds: list[int],
+                       mode: list[str], dropout: float) -> torch.Tensor:
+    """Embedding-space augmentations of "Augmented Conditioning": MixUp, CutMix over feature dimensions, dropout.
+
+    Row b only ever mixes with ``partner[b]`` (its same-class partner), never with another batch
+    row: the authors' stored code slices the batch dimension for CutMix; this cuts features, as
+    the paper describes. Every random draw comes from the item's own seed.
+    """
+    embeds = embeds.clone()
+    lam = torch.tensor(lams, dtype=embeds.dtype).view(-1, 1)
+    if "embed_mixup" in mode:
+        embeds = lam * embeds + (1 - lam) * partner
+    if "embed_cutmix" in mode:
+        for b, (seed, value) in enumerate(zip(seeds, lams)):
+            dims = torch.randperm(embeds.shape[1], generator=torch.Generator().manual_seed(seed + 1))
+            dims = dims[: int(round((1 - value) * embeds.shape[1]))]
+            embeds[b, dims] = partner[b, dims]
+    if "embed_dropout" in mode and dropout > 0:
+        keep = torch.stack([torch.rand(embeds.shape[1], generator=torch.Generator().manual_seed(seed + 2)) >= dropout
+                            for seed in seeds]).to(embeds)
+        embeds = embeds * keep / (1 - dropout)
+    return embeds
+
+
 def generate_augcond(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, real: RealImages):
     """Condition on an augmented real image's CLIP embedding ("Augmented Conditioning Is Enough")."""
     sampler = _sampler_for(pipe, cfg.method, needs_unclip=True)
@@ -334,22 +358,11 @@ def generate_augcond(pipe, items: list[SynthItem], cfg: SynthConfig, size: int, 
             mixed[b, :, y0:y1, x0:x1] = second[b, :, y0:y1, x0:x1]
     mixed_uint8 = ((mixed.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     embeds = sampler.image_embeddings(to_pil(mixed_uint8)).float()
+    partner = None
     if "embed_mixup" in mode or "embed_cutmix" in mode:
         partner = sampler.image_embeddings([real.pil(it.params["partner"], size) for it in items]).float()
-        lam_flat = lam.view(-1, 1).to(embeds)
-        if "embed_mixup" in mode:
-            embeds = lam_flat * embeds + (1 - lam_flat) * partner
-        if "embed_cutmix" in mode:
-            # Per feature dimension (the authors' stored code slices the batch instead; see METHODS.md).
-            for b, it in enumerate(items):
-                g = torch.Generator().manual_seed(it.seed + 1)
-                dims = torch.randperm(embeds.shape[1], generator=g)[: int(round((1 - it.params["mix_lambda"])
-                                                                                  * embeds.shape[1]))]
-                embeds[b, dims] = partner[b, dims]
-    if "embed_dropout" in mode and cfg.embed_dropout > 0:
-        keep = torch.stack([torch.rand(embeds.shape[1], generator=torch.Generator().manual_seed(it.seed + 2))
-                            >= cfg.embed_dropout for it in items]).to(embeds)
-        embeds = embeds * keep / (1 - cfg.embed_dropout)
+    embeds = augment_embeddings(embeds, partner, [it.params["mix_lambda"] for it in items],
+                                [it.seed for it in items], mode, cfg.embed_dropout)
     generators = [torch.Generator("cpu").manual_seed(it.seed) for it in items]
     labels = sampler.class_labels(embeds.to(sampler.dtype), cfg.image_noise_level, generators, len(items))
     if "img2img" in mode:
