@@ -174,5 +174,8 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
                                        "result": outcome.result})
         outcomes.append(outcome)
     result = RecipeResult(str(path), output, outcomes, round(time.time() - t0, 3))
+    for outcome in outcomes:
+        if isinstance(outcome.result.get("html"), str):
+            print(f"report: {outcome.result['html']} (Markdown: {outcome.result.get('markdown')})")
     record.finish({"stages": [dataclasses.asdict(o) for o in outcomes]})
     return result
