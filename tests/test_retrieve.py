@@ -227,3 +227,13 @@ def test_pixel_check_sees_near_copies_only():
     assert nearest_pixel_distance(thumbnail(noisy), reference) <= 8
     assert nearest_pixel_distance(thumbnail(a.resize((64, 64))), reference) <= 8
     assert nearest_pixel_distance(thumbnail(a), others) > 8  # 30 unrelated drawings: none that close
+
+
+def test_auto_falls_back_to_exact_search_on_structureless_data():
+    from genaug.retrieve.index import build_and_tune
+
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((4000, 64)).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    _, spec, depth, recall, _, _, _ = build_and_tune(noise, IndexConfig(exact_max=100, tune_queries=100))
+    assert spec["type"] == "flat" and spec["fallback_from"]["type"] == "ivf" and recall == 1.0 and depth is None

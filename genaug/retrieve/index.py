@@ -206,6 +206,26 @@ def tune_search_depth(index, spec: dict[str, Any], vectors: np.ndarray, cfg: Ind
     return depth, recall, qps
 
 
+def build_and_tune(vectors: np.ndarray, cfg: IndexConfig):
+    """``(index, spec, depth, recall@10, queries/s, build seconds, tune seconds)`` for ``vectors``.
+
+    When reaching the target recall takes every IVF list, the data has no structure IVF can use
+    (isotropic noise, say) and probing all lists is slower than exact search: ``auto`` then falls
+    back to exact search and says so in the spec.
+    """
+    spec = choose_index_spec(len(vectors), vectors.shape[1], cfg)
+    t0 = time.perf_counter()
+    index = build_faiss_index(vectors, spec, cfg.seed)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    depth, recall, qps = tune_search_depth(index, spec, vectors, cfg, np.random.default_rng(cfg.seed))
+    if cfg.index_type == "auto" and spec["type"] in ("ivf", "ivfpq") and depth is not None and depth >= spec["nlist"]:
+        spec = {"type": "flat", "fallback_from": spec}
+        index = build_faiss_index(vectors, spec, cfg.seed)
+        depth, recall, qps = tune_search_depth(index, spec, vectors, cfg, np.random.default_rng(cfg.seed))
+    return index, spec, depth, recall, qps, build_s, time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------- embedding shards
 def _save_npy(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
@@ -341,13 +361,8 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
 
         # 2. Index over the image embeddings, tuned against exact search.
         vectors = np.concatenate([load_npy(p) for p in image_paths]).astype(np.float32)
-        spec = choose_index_spec(len(vectors), vectors.shape[1], cfg)
-        t_build = time.perf_counter()
-        index = build_faiss_index(vectors, spec, cfg.seed)
-        timings["index_build"] = time.perf_counter() - t_build
-        t_tune = time.perf_counter()
-        depth, recall, qps = tune_search_depth(index, spec, vectors, cfg, np.random.default_rng(cfg.seed))
-        timings["tune"] = time.perf_counter() - t_tune
+        index, spec, depth, recall, qps, build_s, tune_s = build_and_tune(vectors, cfg)
+        timings["index_build"], timings["tune"] = build_s, tune_s
         if depth is not None:
             set_search_depth(index, depth)
         tmp = out / (INDEX_FILE + ".tmp")
