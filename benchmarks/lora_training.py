@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import tempfile
 import time
 from pathlib import Path
+
+from _isolated import run_isolated  # benchmarks/ is on sys.path when a script here runs
 
 
 def _images(folder: Path, n: int = 5) -> None:
@@ -87,16 +88,6 @@ def ours(args, data: str, out: str, queue) -> None:
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def run(target, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded")
@@ -108,8 +99,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         _images(data)
-        base = run(stock, args, str(data))
-        mine = run(ours, args, str(data), str(Path(tmp) / "lora"))
+        base = run_isolated(stock, args, str(data))
+        mine = run_isolated(ours, args, str(data), str(Path(tmp) / "lora"))
     print(json.dumps({
         "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
         "stock_steps_per_second": round(base["steps_per_second"], 3),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from _isolated import run_isolated  # benchmarks/ is on sys.path when a script here runs
 
 
 def _inputs(real_data: str, n: int):
@@ -93,16 +94,6 @@ def _engine(args, out_dir: str, queue) -> None:
     queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def run(target, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded")
@@ -117,9 +108,9 @@ def main() -> None:
         dirs = {k: Path(tmp) / k for k in ("loop", "batch", "engine")}
         for d in dirs.values():
             d.mkdir()
-        loop = run(_stock, args, 1, str(dirs["loop"]))
-        batch = run(_stock, args, args.batch_size, str(dirs["batch"]))
-        engine = run(_engine, args, str(dirs["engine"]))
+        loop = run_isolated(_stock, args, 1, str(dirs["loop"]))
+        batch = run_isolated(_stock, args, args.batch_size, str(dirs["batch"]))
+        engine = run_isolated(_engine, args, str(dirs["engine"]))
         from genaug.artefacts import read_dataset
 
         ds = read_dataset(dirs["engine"] / "synth")

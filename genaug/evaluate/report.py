@@ -97,72 +97,57 @@ def fewshot_table(entries: list[tuple[str, list[str]]]) -> dict[str, dict[str, A
     return table
 
 
-def _png(figure) -> bytes:
+def _new_axes(size: tuple[float, float]):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to memory
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def _finish(fig, ax, xlabel: str, grid_axis: str = "both") -> bytes:
+    """Label, legend and grid the axes, render the figure to PNG bytes and free it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(axis=grid_axis, alpha=0.3)
+    ax.legend(fontsize=8)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return buffer.getvalue()
 
 
 def plot_fewshot(table) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = _new_axes((5.5, 3.6))
     for name, rows in table.items():
         ks = sorted(rows)
         ax.errorbar(ks, [100 * rows[k][0] for k in ks], yerr=[100 * rows[k][1] for k in ks], marker="o", capsize=3,
                     label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("real images per class (k)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _finish(fig, ax, "real images per class (k)")
 
 
 def plot_buckets(table) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     buckets = ["many", "medium", "few", "accuracy"]
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = _new_axes((6.5, 3.6))
     width = 0.8 / max(1, len(table))
     for i, (name, row) in enumerate(table.items()):
         means = [100 * (row[b][0] or 0) if row[b][0] is not None else 0 for b in buckets]
         errors = [100 * (row[b][1] or 0) if row[b][0] is not None else 0 for b in buckets]
         ax.bar(np.arange(len(buckets)) + i * width, means, width, yerr=errors, capsize=2, label=name)
     ax.set_xticks(np.arange(len(buckets)) + width * (len(table) - 1) / 2, ["many", "medium", "few", "overall"])
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _finish(fig, ax, "training-count bucket", grid_axis="y")
 
 
 def plot_vs_extra(table) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = _new_axes((5.5, 3.6))
     for name, row in table.items():
         ax.errorbar([row["extra_images"]], [100 * row["accuracy"][0]], yerr=[100 * row["accuracy"][1]], marker="o",
                     capsize=3, label=name)
-    ax.set_xlabel("synthetic / retrieved training images")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return _finish(fig, ax, "synthetic / retrieved training images")
 
 
 def sample_grid(folder: str, per_class: int) -> bytes:
