@@ -235,7 +235,7 @@ def test_hard_negative_captions_need_attribute_labels(toy):
 
     assert hard_negative_captions(toy, 0) is None  # the toy records carry no shape/pattern labels
     labelled = ImageSplit(toy.images, toy.labels, toy.captions, toy.class_names,
-                          [{"shape": "square", "pattern": "plain"} for _ in toy.captions])
+                          [{"shape": "square", "pattern": ["plain", "striped"][i % 2]} for i in range(len(toy))])
     negatives = hard_negative_captions(labelled, 0)
     assert len(negatives) == len(toy.captions)
     assert all(n != c for n, c in zip(negatives, toy.captions))
@@ -247,7 +247,7 @@ def test_attribute_loss_and_hard_negatives_train(tmp_path, toy, tokenizer):
     records = [{"shape": "square", "pattern": "plain", "size": c.split()[1], "colour": c.split()[2]}
                for c in toy.captions]
     labelled = ImageSplit(toy.images, toy.labels, toy.captions, toy.class_names, records)
-    cfg = tiny_config(steps=4, attribute_keys=["size", "colour", "missing"], attribute_loss_weight=1.0)
+    cfg = tiny_config(steps=4, warmup_steps=1, attribute_keys=["size", "colour", "missing"], attribute_loss_weight=1.0)
     result = train_dual_encoder(cfg, labelled, tokenizer, tmp_path / "clip")
     assert np.isfinite(result.final_loss)
     model, _ = load_dual_encoder(tmp_path / "clip")
