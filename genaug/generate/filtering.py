@@ -69,7 +69,7 @@ def confidence_weights(confidence: np.ndarray) -> np.ndarray:
 
 def filter_dataset(cfg: FilterConfig) -> FilterResult:
     from ..retrieve.encoder import ClipEncoder
-    from ..retrieve.retrieve import Exclusion, nearest_pixel_distance, thumbnail
+    from ..retrieve.retrieve import Exclusion, thumbnail
 
     t0 = time.time()
     ds = read_dataset(cfg.input)
@@ -110,11 +110,8 @@ def filter_dataset(cfg: FilterConfig) -> FilterResult:
         exclusion = Exclusion(encoder.encode_images(excluded_images) if encoder else np.zeros((0, 1)), thumbs,
                               cfg.dedup_cosine, cfg.dedup_pixel)
         for i, im in enumerate(images):
-            close = image_feats is not None and \
-                float((exclusion.embeddings @ image_feats[i]).max()) >= cfg.dedup_cosine
-            if not close and cfg.dedup_pixel >= 0:
-                close = nearest_pixel_distance(thumbnail(im), thumbs) <= cfg.dedup_pixel
-            near_duplicate[i] = close
+            near_duplicate[i] = exclusion.is_near_copy(image_feats[i] if image_feats is not None else None,
+                                                       lambda im=im: im)
 
     keep = ~near_duplicate
     dropped = {"near_duplicate": int(near_duplicate.sum())}

@@ -106,7 +106,7 @@ def nearest_pixel_distance(thumb: np.ndarray, thumbs: np.ndarray) -> float:
 
 
 class Exclusion:
-    """Excluded images (e.g. the test split): their embeddings and difference hashes."""
+    """Excluded images (e.g. the test split): their embeddings and 16x16 thumbnails."""
 
     def __init__(self, embeddings: np.ndarray, thumbs: np.ndarray, cosine: float, pixel: float):
         self.embeddings, self.thumbs, self.cosine, self.pixel = embeddings, thumbs, cosine, pixel
@@ -116,14 +116,17 @@ class Exclusion:
     def rejected(self) -> int:
         return sum(self._verdicts.values())
 
+    def is_near_copy(self, embedding: np.ndarray | None, image_loader) -> bool:
+        """Embedding cosine at or above the threshold, or (loading the image only then) a close thumbnail."""
+        if embedding is not None and len(self.embeddings) and float((self.embeddings @ embedding).max()) >= self.cosine:
+            return True
+        return self.pixel >= 0 and len(self.thumbs) > 0 and \
+            nearest_pixel_distance(thumbnail(image_loader()), self.thumbs) <= self.pixel
+
     def rejects(self, row: int, index) -> bool:
         """Whether pool ``row`` is an excluded image or a near-duplicate of one (cached per row)."""
         if row not in self._verdicts:
-            close = bool(len(self.embeddings)) and float((self.embeddings @ index.image_embeddings[row]).max()) \
-                >= self.cosine
-            if not close and self.pixel >= 0 and len(self.thumbs):
-                close = nearest_pixel_distance(thumbnail(index.pool.image(row)), self.thumbs) <= self.pixel
-            self._verdicts[row] = close
+            self._verdicts[row] = self.is_near_copy(index.image_embeddings[row], lambda: index.pool.image(row))
         return self._verdicts[row]
 
 
