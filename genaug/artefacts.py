@@ -397,10 +397,14 @@ def read_dataset(root: str | Path, split: str | None = "train") -> GenaugDataset
         return GenaugDataset(root, folder, None, [folder.name], rows, {})
     rows = []
     for label, cdir in enumerate(class_dirs):
-        for img in sorted(cdir.iterdir()):
-            if img.suffix.lower() in IMAGE_EXTENSIONS and img.is_file() and not img.is_symlink():
-                rows.append({"file_name": f"{cdir.name}/{img.name}", "id": f"{label}-{img.stem}",
-                             "label": label, "class_name": cdir.name})
+        found = [img for img in sorted(cdir.iterdir())
+                 if img.suffix.lower() in IMAGE_EXTENSIONS and img.is_file() and not img.is_symlink()]
+        if not found and class_dirs:
+            # A class with no images would train (and score) as if it did not exist.
+            raise DataError(f"class folder {cdir.name!r} has no images", where=str(folder),
+                            fix="add images to it or remove the folder")
+        rows.extend({"file_name": f"{cdir.name}/{img.name}", "id": f"{label}-{img.stem}", "label": label,
+                     "class_name": cdir.name} for img in found)
     if not rows:
         raise DataError(f"no {METADATA} and no class folders with images", where=str(folder),
                         fix="point at a genaug dataset or an imagefolder (one folder per class)")
@@ -431,8 +435,27 @@ def write_adapter(folder: str | Path, weights_name: str, tensors: dict, config: 
     return folder / weights_name
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ALLOW_PICKLE_ENV = "GENAUG_ALLOW_PICKLE"
+
+
+def pickle_allowed() -> bool:
+    """Whether the user opted in to pickle checkpoints (``genaug --allow-pickle``)."""
+    return os.environ.get(ALLOW_PICKLE_ENV) == "1"
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length, then a JSON object."""
+    if len(head) < 9:
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= size and head[8:9] == b"{"
+
+
 def read_safetensors(path: str | Path) -> tuple[dict, dict[str, str]]:
-    """Load tensors and metadata from a safetensors file, refusing anything else (e.g. pickles)."""
+    """Load tensors and metadata from a safetensors file, refusing anything else (e.g. pickles).
+
+    The metadata is returned as plain strings; genaug never lets it decide how a file is loaded.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -440,9 +463,11 @@ def read_safetensors(path: str | Path) -> tuple[dict, dict[str, str]]:
     if not path.is_file():
         raise ModelError("file not found", where=str(path), fix="check the path")
     data = path.read_bytes()
-    if data[:2] == b"\x80\x02" or data[:2] == b"PK":
-        raise ModelError("this is a pickle/zip checkpoint, which genaug does not load", where=str(path),
-                         fix="convert it to safetensors")
+    if not _looks_like_safetensors(data[:9], len(data)):
+        if data[:1] == b"\x80" or data[:2] == b"PK":
+            raise ModelError("this is a pickle/zip checkpoint, which genaug does not unpickle", where=str(path),
+                             fix="convert it to safetensors")
+        raise ModelError("not a safetensors file", where=str(path), fix="replace it with the adapter's safetensors file")
     try:
         tensors = load(data)
         import safetensors
@@ -452,6 +477,30 @@ def read_safetensors(path: str | Path) -> tuple[dict, dict[str, str]]:
     except (SafetensorError, ValueError, OSError) as exc:
         raise ModelError(f"not a valid safetensors file ({exc})", where=str(path)) from None
     return tensors, metadata
+
+
+def read_weights(path: str | Path) -> dict:
+    """Tensors of a weights file: safetensors always; a pickle (.bin/.pt/.ckpt) only when the user opted in
+    (``genaug --allow-pickle``), and then through ``torch.load(weights_only=True)``, which runs no code."""
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return read_safetensors(path)[0]
+    if not pickle_allowed():
+        raise ModelError(f"{path.name} is a pickle checkpoint; genaug does not unpickle files unless asked",
+                         where=str(path.parent), fix="convert it to safetensors, or rerun as `genaug --allow-pickle "
+                         "...` to load it with torch.load(weights_only=True)")
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the unpickler's refusal is the message
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"torch.load(weights_only=True) refused it ({first})", where=str(path),
+                         fix="only plain tensor checkpoints load; convert it to safetensors") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise ModelError("not a mapping of names to tensors", where=str(path), fix="convert it to safetensors")
+    return data
 
 
 def read_json_object(path: Path, what: str, error: type[Exception] = DataError) -> dict[str, Any]:

@@ -20,6 +20,13 @@ from .errors import ModelError
 STATE_FILE = "state.safetensors"
 
 
+def require_finite(loss: torch.Tensor, step: int, where: str) -> None:
+    """Stop a diverged run with one line, before the NaN reaches the weights or a checkpoint."""
+    if not torch.isfinite(loss):
+        raise ModelError(f"loss became {float(loss.detach())} at step {step}", where=where,
+                         fix="lower the learning rate (or train in fp32); a rerun resumes from the last checkpoint")
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed * 1_000_003 + step)
 

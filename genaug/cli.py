@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         + "\n\nRun 'genaug <command> --help' for a command's settings.")
     top.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="command")
     top.add_argument("--version", action="store_true", help="print genaug's version")
+    top.add_argument("--allow-pickle", action="store_true",
+                     help="also load pickle checkpoints (.bin/.pt/.ckpt), through torch.load(weights_only=True); "
+                          "by default genaug loads safetensors only")
     # Only the first token picks the command; the rest belongs to the command's own parser.
     split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     head, rest = argv[: split + 1], argv[split + 1 :]
@@ -159,7 +163,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.print_help()
         return 0 if not argv else 2
     args = parse_command_args(ns.command, rest)
-    return run_command(ns.command, args)
+    if not ns.allow_pickle:
+        return run_command(ns.command, args)
+    from .artefacts import ALLOW_PICKLE_ENV
+
+    previous = os.environ.get(ALLOW_PICKLE_ENV)
+    os.environ[ALLOW_PICKLE_ENV] = "1"  # seen by every loader, and by recipe stages run in this process
+    try:
+        return run_command(ns.command, args)
+    finally:
+        if previous is None:
+            os.environ.pop(ALLOW_PICKLE_ENV, None)
+        else:
+            os.environ[ALLOW_PICKLE_ENV] = previous
 
 
 def script_entry(name: str, argv: Sequence[str] | None = None) -> int:

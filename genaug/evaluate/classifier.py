@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_bytes, atomic_write_json, list_splits, read_dataset
+from ..artefacts import atomic_write_bytes, atomic_write_json, folder_lock, list_splits, read_dataset
+from ..checkpoints import require_finite
 from ..config import config_to_dict, option
 from ..errors import ConfigError, DataError
 from ..runs import RunRecord
@@ -346,7 +347,6 @@ def _load_checkpoint(folder: Path, model, optimizer, generator: torch.Generator)
 def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     """Train, checkpoint every few epochs (a rerun resumes), score the test split, write the run folder."""
     from ..models.loading import resolve_device
-    from ..pretrain.data import CLIP_MEAN, CLIP_STD
 
     started = time.time()
     device = resolve_device(cfg.device)
@@ -361,9 +361,18 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
         raise DataError(f"real data has no {test_split!r} split to test on", where=cfg.real_data,
                         fix="pass --test-data")
     test, _ = load_images(test_root, test_split, size, class_names, cfg.max_memory_gb, "test data")
+    out = Path(cfg.output)
+    # Two runs training into one folder would mix checkpoints and summaries: hold it before writing.
+    with folder_lock(out, "training a classifier in"):
+        return _train_locked(cfg, out, started, device, size, real, extra, test, class_names)
+
+
+def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size: int, real: Images,
+                  extra: Images | None, test: Images, class_names: list[str]) -> ClassifierResult:
+    """``train_classifier`` from the first write on, with the output folder locked."""
+    from ..pretrain.data import CLIP_MEAN, CLIP_STD
 
     num_classes = len(class_names)
-    out = Path(cfg.output)
     record = RunRecord.start(out, "train-classifier", cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
@@ -408,6 +417,7 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
                                      reduction="none")
             weights = weights.to(device)
             loss = (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+            require_finite(loss, step, cfg.output)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..artefacts import pickle_allowed
 from ..errors import ModelError
 
 FAMILIES = {
@@ -66,7 +67,9 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", xfor
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, use_safetensors=True,
+        # Pickled (.bin) weights only on opt-in; diffusers then loads them with torch.load(weights_only=True).
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype,
+                                                 use_safetensors=None if pickle_allowed() else True,
                                                  local_files_only=looks_local)
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

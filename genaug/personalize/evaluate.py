@@ -27,6 +27,7 @@ from ..artefacts import read_adapter_config, read_dataset, write_report
 from ..config import option
 from ..errors import ConfigError
 from ..runs import RunRecord
+from .adapters import TI_WEIGHTS, check_base_model, load_lora, load_textual_inversion, weights_file
 
 
 @dataclass
@@ -76,16 +77,17 @@ def load_adapters(pipe, adapters: list[str], weights: list[float]) -> list[str]:
         if kind not in ("lora", "textual_inversion"):
             raise ConfigError(f"unknown adapter type {kind!r}", where=str(folder),
                               fix="give a folder written by train-lora, train-ti or merge-lora")
+        check_base_model(config, pipe, folder)
         if config.get("method") == "disendiff":
             from .multiconcept import load_multiconcept
 
             load_multiconcept(pipe, folder, load_lora=False)  # its LoRA (if any) loads below, with a weight
         elif kind == "textual_inversion":
-            pipe.load_textual_inversion(str(folder))
+            load_textual_inversion(pipe, weights_file(folder, TI_WEIGHTS))
         if kind == "lora" or config.get("lora_weights"):
             names.append(f"adapter{i}")
             scales.append(weights[i] if weights else 1.0)
-            pipe.load_lora_weights(str(folder), adapter_name=names[-1])
+            load_lora(pipe, folder, config, names[-1])
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
     return names

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_json, read_dataset, read_safetensors
-from ..checkpoints import list_checkpoints, load_training_state, save_training_state, step_generator
+from ..artefacts import atomic_write_json, folder_lock, read_dataset, read_safetensors
+from ..checkpoints import list_checkpoints, load_training_state, require_finite, save_training_state, step_generator
 from ..config import config_to_dict, option
 from ..errors import ConfigError, DataError, ModelError
 from ..models.loading import default_resolution, load_pipeline, pipeline_family
 from ..runs import RunRecord
+from .adapters import LORA_WEIGHTS, base_model_info
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -166,10 +166,6 @@ def load_base_for_personalization(model: str, instance_data: str, command: str, 
 
 def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     pipe, family = load_base_for_personalization(cfg.model, cfg.instance_data, "train-lora",
@@ -181,6 +177,19 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     instance = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
     if cfg.random_flip:
         instance = torch.cat([instance, instance.flip(-1)])
+    # Two runs training into one folder would mix their checkpoints: hold it before writing anything.
+    with folder_lock(out, "training an adapter in"):
+        return _train_lora_locked(cfg, accelerator, pipe, family, size, out, instance)
+
+
+def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, size: int, out: Path,
+                       instance: torch.Tensor) -> LoraTrainResult:
+    """``train_lora`` from the first write on, with the output folder locked."""
+    from diffusers import DDPMScheduler
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
     class_pixels = None
     if cfg.with_prior_preservation:
         class_folder = _ensure_class_images(cfg, out, size)
@@ -266,9 +275,7 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
             loss = F.mse_loss(pred[:n_inst], target[:n_inst]) + cfg.prior_loss_weight * F.mse_loss(pred[n_inst:], target[n_inst:])
         else:
             loss = F.mse_loss(pred, target)
-        if not torch.isfinite(loss):
-            raise ModelError(f"loss became {loss.item()} at step {step}", where=cfg.output,
-                             fix="lower the learning rate or use mixed_precision=no")
+        require_finite(loss, step, cfg.output)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -288,7 +295,8 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
              if cfg.train_text_encoder else None)
     weights = save_diffusers_lora(pipe, out, unet_sd, te_sd)
     adapter_config = {
-        "type": "lora", "format": "diffusers", "base_model": cfg.model, "rank": cfg.rank, "alpha": alpha,
+        "type": "lora", "format": "diffusers", "base_model": cfg.model, **base_model_info(pipe), "rank": cfg.rank,
+        "alpha": alpha,
         "unet_target_modules": UNET_TARGETS, "text_encoder_target_modules": TEXT_TARGETS if cfg.train_text_encoder else [],
         "instance_prompt": cfg.instance_prompt, "steps": cfg.max_train_steps, "final_loss": loss_value,
         "resolution": size, "config": config_to_dict(cfg),
@@ -308,9 +316,15 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
 
 def save_diffusers_lora(pipe, out: Path, unet_sd: dict, te_sd: dict | None) -> Path:
     """``save_lora_weights`` into a temp folder, then an atomic rename of the file into ``out``."""
+    def peft_metadata(model):  # lets stock diffusers restore lora_alpha (a bare state dict means alpha = rank)
+        config = getattr(model, "peft_config", {}).get("default")
+        return config.to_dict() if config is not None else None
+
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         type(pipe).save_lora_weights(tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
-                                     safe_serialization=True)
+                                     unet_lora_adapter_metadata=peft_metadata(pipe.unet),
+                                     text_encoder_lora_adapter_metadata=peft_metadata(pipe.text_encoder) if te_sd
+                                     else None, safe_serialization=True)
         (Path(tmp) / LORA_WEIGHTS).replace(out / LORA_WEIGHTS)
     return out / LORA_WEIGHTS
 

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import read_adapter_config, read_safetensors, write_adapter
+from ..artefacts import read_adapter_config, write_adapter
 from ..config import config_to_dict, option
 from ..errors import ConfigError
 from ..runs import RunRecord
+from .adapters import read_lora
 from .lora import LORA_WEIGHTS
 
 DOWN, UP = ".lora.down.weight", ".lora.up.weight"
@@ -74,19 +75,15 @@ class MergeLoraResult:
 
 
 def _read_lora(folder: str) -> tuple[dict[str, torch.Tensor], float, dict]:
-    """``(tensors, scale alpha/rank, adapter config)`` of a diffusers-format LoRA folder."""
+    """``(tensors, scale, adapter config)`` of a diffusers-format LoRA folder; the tensors carry alpha/rank."""
     config = read_adapter_config(folder)
     if config.get("type") != "lora" and not config.get("lora_weights"):
         raise ConfigError(f"not a LoRA adapter (type {config.get('type')!r})", where=folder,
                           fix="give folders written by train-lora (or train-ti --pivotal)")
-    tensors, _ = read_safetensors(Path(folder) / config.get("lora_weights", LORA_WEIGHTS))
+    tensors = read_lora(folder, config)
     if not any(k.endswith(DOWN) for k in tensors):
         raise ConfigError("no diffusers-format LoRA keys (*.lora.down.weight) in the adapter", where=folder)
-    rank = config.get("rank")
-    alpha = config.get("alpha", rank)
-    # A file saved through diffusers loads with scale 1 (alpha = rank); keep what it was trained with.
-    scale = float(alpha) / float(rank) if rank and alpha else 1.0
-    return tensors, scale, config
+    return tensors, 1.0, config
 
 
 def linear_merge(loras: list[dict[str, torch.Tensor]], factors: list[float]) -> dict[str, torch.Tensor]:
@@ -122,6 +119,8 @@ def merge_lora(cfg: MergeLoraConfig) -> MergeLoraResult:
     ranks = sorted({int(v.shape[0]) for k, v in merged.items() if k.endswith(DOWN)})
     config = {"type": "lora", "format": "diffusers", "method": cfg.method, "merged_from": cfg.adapters,
               "weights": weights, "rank": ranks[-1], "alpha": None, "base_model": read[0][2].get("base_model"),
+              **{k: read[0][2][k] for k in ("base_family", "text_hidden_size", "cross_attention_dim")
+                 if k in read[0][2]},
               "note": "scales are folded into the up-projections: load with scale 1",
               "config": config_to_dict(cfg)}
     path = write_adapter(out, LORA_WEIGHTS, merged, config)
@@ -152,8 +151,8 @@ def learn_ziplora(cfg: MergeLoraConfig, loras, factors, read):
     unet.requires_grad_(False)
     device = unet.device
     names = ["subject", "style"]
-    for name, folder in zip(names, cfg.adapters):
-        pipe.load_lora_weights(folder, adapter_name=name)
+    for name, lora in zip(names, loras):
+        pipe.load_lora_weights(dict(lora), adapter_name=name)
     prompts = cfg.prompts or [r[2].get("instance_prompt") or "a photo" for r in read]
     class_dim = unet.config.projection_class_embeddings_input_dim if unet.config.class_embed_type else None
     g = torch.Generator().manual_seed(cfg.seed)

@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_bytes, write_adapter
-from ..checkpoints import step_generator
+from ..artefacts import atomic_write_bytes, slugify, write_adapter
+from ..checkpoints import require_finite, step_generator
 from ..config import config_to_dict, option
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelError
 from ..models.loading import default_resolution, resolve_device
 from ..runs import RunRecord
+from .adapters import base_model_info
 from .lora import _encode_latents, _load_images, load_base_for_personalization
 from .textual_inversion import TI_WEIGHTS, TrainableRows, add_placeholder_tokens
 
@@ -342,6 +343,7 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
             loss = loss + cfg.attention_loss_weight * attention
             entry.update(bind=round(float(terms.bind.detach()), 6), separate=round(float(terms.separate.detach()), 6))
         optimizer.zero_grad(set_to_none=True)
+        require_finite(loss, step, cfg.output)
         loss.backward()
         optimizer.step()
         rows.restore()
@@ -351,6 +353,7 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
     tokens = cfg.modifier_tokens
     learned = {tok: embeddings.detach()[i][None].cpu() for tok, i in zip(tokens, modifier_ids)}
     config = {"type": "textual_inversion", "format": "diffusers", "method": "disendiff", "base_model": cfg.model,
+              **base_model_info(pipe),
               "tokens": tokens, "class_words": cfg.class_words, "prompt": full_prompt, "single_prompts": singles,
               "kv": cfg.kv, "attention_resolution": resolution, "steps": cfg.max_train_steps, "final_loss": loss_value,
               "losses": {"bind": cfg.bind_loss, "separate": cfg.separate_loss, "strengthen": cfg.strengthen},
@@ -373,7 +376,7 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
     # each modifier also gets its own file, and the folder's main file holds the first.
     write_adapter(out, TI_WEIGHTS, {tokens[0]: learned[tokens[0]]}, config)
     for tok in tokens:
-        atomic_write_bytes(out / f"learned_embeds-{tok.strip('<>')}.safetensors", _save({tok: learned[tok]}))
+        atomic_write_bytes(out / f"learned_embeds-{slugify(tok)}.safetensors", _save({tok: learned[tok]}))
     seconds = round(time.time() - t0, 3)
     record.finish({"final_loss": loss_value, "history_tail": history[-5:]})
     return MultiConceptResult(out, tokens, full_prompt, cfg.max_train_steps, loss_value, seconds, history)
@@ -387,20 +390,30 @@ def _save(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def load_multiconcept(pipe, folder: str | Path, load_lora: bool = True) -> list[str]:
     """Load a train-multiconcept adapter into a diffusers pipeline: modifier tokens and K/V (or LoRA)."""
-    from ..artefacts import read_adapter_config, read_safetensors
+    from ..artefacts import read_adapter_config, read_weights, safe_child
+    from .adapters import check_base_model, load_textual_inversion, weights_file
+    from .adapters import load_lora as load_lora_into
 
     folder = Path(folder)
     config = read_adapter_config(folder)
     if config.get("method") != "disendiff":
         raise ConfigError("not a train-multiconcept adapter", where=str(folder))
-    for tok in config["tokens"]:
-        pipe.load_textual_inversion(str(folder / f"learned_embeds-{tok.strip('<>')}.safetensors"), token=tok)
+    check_base_model(config, pipe, folder)
+    tokens = config.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ConfigError("adapter_config.json: 'tokens' must be a list of strings", where=str(folder))
+    for tok in tokens:
+        load_textual_inversion(pipe, weights_file(folder, f"learned_embeds-{slugify(tok)}.safetensors"), token=tok)
     if config.get("kv_weights"):
-        weights, _ = read_safetensors(folder / config["kv_weights"])
+        weights = read_weights(safe_child(folder, str(config["kv_weights"])))
         modules = _cross_kv_modules(pipe.unet)
         with torch.no_grad():
             for name, module in modules.items():
-                module.weight.copy_(weights[f"{name}.weight"].to(module.weight))
+                key = f"{name}.weight"
+                if key not in weights or weights[key].shape != module.weight.shape:
+                    raise ModelError(f"adapter does not fit this base model ({key} missing or of another shape)",
+                                     where=str(folder), fix="use it with the base model it was trained on")
+                module.weight.copy_(weights[key].to(module.weight))
     if config.get("lora_weights") and load_lora:
-        pipe.load_lora_weights(str(folder))
+        load_lora_into(pipe, folder, config, "default_0")
     return config["tokens"]

@@ -25,15 +25,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..artefacts import write_adapter
-from ..checkpoints import list_checkpoints, load_training_state, save_training_state, step_generator
+from ..checkpoints import list_checkpoints, load_training_state, require_finite, save_training_state, step_generator
 from ..config import config_to_dict, option
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from ..models.loading import default_resolution, resolve_device
 from ..runs import RunRecord
+from .adapters import TI_WEIGHTS, base_model_info
 from .lora import (LORA_WEIGHTS, UNET_TARGETS, _encode_latents, _load_images, load_base_for_personalization,
                    save_diffusers_lora)
 
-TI_WEIGHTS = "learned_embeds.safetensors"
 OBJECT_TEMPLATES = ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a photo of the {}",
                     "a bright photo of a {}", "a dark photo of a {}", "a photo of a small {}", "a photo of a large {}",
                     "a cropped photo of a {}", "a good photo of a {}"]
@@ -183,9 +183,7 @@ def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResu
         labels = torch.zeros(len(latents), class_dim, device=device) if class_dim else None
         pred = unet(noisy, timesteps.to(device), text_encoder(ids)[0], class_labels=labels).sample
         loss = F.mse_loss(pred.float(), target.to(device).float())
-        if not torch.isfinite(loss):
-            raise ModelError(f"loss became {loss.item()} at step {step}", where=cfg.output,
-                             fix="lower the learning rate")
+        require_finite(loss, step, cfg.output)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -197,7 +195,7 @@ def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResu
             save_training_state(out / "checkpoints", done, params, optimizer, info={"loss": loss_value})
     bar.close()
     learned = embeddings.detach()[token_ids].cpu()
-    config = {"type": "textual_inversion", "format": "diffusers", "base_model": cfg.model,
+    config = {"type": "textual_inversion", "format": "diffusers", "base_model": cfg.model, **base_model_info(pipe),
               "placeholder_token": cfg.placeholder_token, "tokens": tokenizer.convert_ids_to_tokens(token_ids),
               "prompt_text": placeholder_text, "num_vectors": cfg.num_vectors, "pivotal": cfg.pivotal,
               "steps": cfg.max_train_steps, "final_loss": loss_value, "resolution": size,
