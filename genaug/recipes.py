@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from .config import config_from_dict, config_to_dict, option, read_config_file
 from .errors import ConfigError
 from .runs import RunRecord
 
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 RECIPE_DIRS = (Path("pipelines"), Path(__file__).resolve().parent.parent / "pipelines")
 
 
@@ -140,6 +142,9 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
                               fix=f"use one of {sorted(set(COMMANDS) - {'run'})}")
         for extra in _expand_foreach(stage.get("foreach"), where):
             name = str(stage.get("name", command)) + "".join(f"-{k}{v}" for k, v in extra.items())
+            if not _STAGE_NAME.match(name):  # it names the stage's cache file
+                raise ConfigError(f"stage name {name!r} is not a plain name", where=where,
+                                  fix="use letters, digits, '_', '-' and '.'")
             if name in names:
                 raise ConfigError(f"duplicate stage name {name!r}", where=where)
             names.add(name)

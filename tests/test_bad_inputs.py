@@ -459,3 +459,41 @@ def test_nan_loss_in_classifier_training_stops_cleanly(clean, tmp_path, capsys):
     code, err = run(classifier_argv(clean, clean, out, "--learning-rate", "1e30", "--min-steps", "8"), capsys)
     assert_refused(code, err, "loss became", "learning rate", output=out)
     assert not (out / "model.safetensors").exists() and not (out / "final.json").exists()
+
+
+# --------------------------------------------------------------------------- names that become file names
+def test_recipe_stage_name_cannot_escape_the_run_folder(tmp_path, capsys):
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text("stages:\n  - name: ../../escaped\n    command: world\n    config: {output: '{output}/w'}\n")
+    code, err = run(["run", str(recipe), "--output", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, "not a plain name", output=tmp_path / "out")
+    assert not (tmp_path / "escaped.json").exists() and not (tmp_path / "out").exists()
+
+
+def test_report_dataset_name_is_a_label_not_a_path(clean, tmp_path, capsys):
+    out = tmp_path / "reports" / "r"
+    code, err = run(["report", "--datasets", f"../../escaped={clean}", "--real-test", str(clean), "--oracle", "none",
+                     "--samples-per-class", "1", "--output", str(out)], capsys)
+    assert code == 0, err
+    assert (out / "samples-escaped.png").is_file()
+    assert not list(tmp_path.glob("**/samples-escaped.png"))[1:] and not (tmp_path / "samples-escaped.png").exists()
+    assert "../../escaped" in (out / "report.md").read_text()
+
+
+def test_the_source_has_no_unsafe_loading_or_shell():
+    """A lint over genaug itself: no unpickling, no unsafe YAML, no shell, no eval of data."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "genaug"
+    forbidden = {r"\bpickle\.loads?\(": "unpickling", r"allow_pickle\s*=\s*True": "numpy pickles",
+                 r"shell\s*=\s*True": "a shell", r"\bos\.system\(": "a shell", r"(?<![.\w])eval\(": "eval",
+                 r"(?<![.\w])exec\(": "exec", r"yaml\.load\(": "unsafe YAML", r"trust_remote_code\s*=\s*True": "remote code"}
+    found = []
+    for path in root.rglob("*.py"):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            code = line.split("#")[0]
+            found += [f"{path.name}:{number}: {why}" for pattern, why in forbidden.items() if re.search(pattern, code)]
+            if "torch.load(" in code and "weights_only=True" not in code:
+                found.append(f"{path.name}:{number}: torch.load without weights_only=True")
+    assert not found, found
+    assert "weights_only=True" in (root / "artefacts.py").read_text()  # the one opt-in path exists

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artefacts import atomic_write_bytes, atomic_write_text, read_dataset, read_json_object
+from ..artefacts import atomic_write_bytes, atomic_write_text, read_dataset, read_json_object, slugify
 from ..config import option
 from ..errors import ConfigError
 from ..runs import RunRecord
@@ -56,6 +56,9 @@ class ReportConfig:
                 raise ValueError(f"entries look like name=path, got {entry!r}")
         if not (self.longtail or self.fewshot or self.datasets):
             raise ValueError("give at least one of longtail, fewshot or datasets")
+        names = [e.split("=", 1)[0].strip() for e in self.datasets]
+        if len({slugify(n) for n in names}) != len(names):
+            raise ValueError(f"dataset names must differ as file names (sample grids are samples-<name>.png): {names}")
 
 
 @dataclass
@@ -269,7 +272,7 @@ def build_report(cfg: ReportConfig) -> ReportResult:
         md += ["", f"CLIP features of `{cfg.clip_model}`; FID/KID against `{cfg.real_test}` ({cfg.real_test_split}).",
                ""]
     if grids:
-        md += ["## Samples", ""] + [f"**{n}**\n\n![{n}](samples-{n}.png)\n" for n in grids]
+        md += ["## Samples", ""] + [f"**{n}**\n\n![{n}](samples-{slugify(n)}.png)\n" for n in grids]
     md += ["## Provenance", "", "Inputs: " + ", ".join(cfg.longtail + cfg.fewshot + cfg.datasets) + ".",
            "Versions and the resolved config of this report: `run/`."]
     markdown = "\n".join(md) + "\n"
@@ -277,13 +280,13 @@ def build_report(cfg: ReportConfig) -> ReportResult:
     for name, png in figures.items():
         atomic_write_bytes(out / name, png)
     for name, png in grids.items():
-        atomic_write_bytes(out / f"samples-{name}.png", png)
+        atomic_write_bytes(out / f"samples-{slugify(name)}.png", png)  # names are user text, not paths
     atomic_write_text(out / "report.md", markdown)
     results = {"longtail": {n: {k: v for k, v in r.items()} for n, r in longtail.items()},
                "fewshot": {n: {str(k): v for k, v in rows.items()} for n, rows in fewshot.items()},
                "generation": metrics}
     atomic_write_text(out / "report.json", json.dumps(results, indent=2, default=str))
-    page = render_html(cfg.title, markdown, {**figures, **{f"samples-{n}.png": g for n, g in grids.items()}})
+    page = render_html(cfg.title, markdown, {**figures, **{f"samples-{slugify(n)}.png": g for n, g in grids.items()}})
     atomic_write_text(out / "report.html", page)
     record.finish({"methods": sorted(set(longtail) | set(fewshot) | {n for n, _ in datasets})})
     return ReportResult(out, out / "report.html", out / "report.md")
