@@ -61,6 +61,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "genaug.evaluate.classifier:train_classifier"),
     Command("fewshot", "k-shot protocol: a classifier per (k, trial) split, test accuracy mean and 95% CI per k",
             "genaug.evaluate.protocols:FewShotConfig", "genaug.evaluate.protocols:run_fewshot"),
+    Command("kshot", "draw k-shot training splits (k images per class, several trials) from a dataset",
+            "genaug.evaluate.protocols:KShotConfig", "genaug.evaluate.protocols:make_kshot_splits"),
     Command("filter", "score a synthetic dataset (CLIP score, classifier confidence, test near-duplicates); keep "
             "and weight", "genaug.generate.filtering:FilterConfig", "genaug.generate.filtering:filter_dataset"),
     Command("report", "compare methods side by side: long-tail and few-shot tables with intervals, plots, samples, "

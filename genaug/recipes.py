@@ -14,6 +14,13 @@ a changed one reruns everything downstream.
 
 A stage with ``foreach: {k: [1, 4], trial: [0, 1]}`` runs once per combination, with ``${k}`` and
 ``${trial}`` in its config; its instances are named ``<name>-k1-trial0`` and so on.
+
+A recipe may declare ``variables: {data: null, model: embedded}``: ``${data}`` and ``${model}`` in
+its configs, set with ``genaug run RECIPE --set data=/path/to/data``; a null default must be set.
+
+Inputs from outside the recipe's output folder (the user's data, a model folder) enter the cache
+key by a fingerprint of their files (names, sizes, modification times), so editing a dataset in
+place reruns the stages that read it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ from .config import config_from_dict, config_to_dict, option, read_config_file
 from .errors import ConfigError
 from .runs import RunRecord
 
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 RECIPE_DIRS = (Path("pipelines"), Path(__file__).resolve().parent.parent / "pipelines")
 
@@ -45,6 +54,13 @@ class RecipeConfig:
     output: str | None = option(None, "output folder (default: the recipe's own `output`)")
     force: bool = option(False, "rerun every stage even if its cached result is current")
     only: list[str] = option(help="run only these stages (names), with their inputs cached", factory=list)
+    set: list[str] = option(help="recipe variables as NAME=VALUE (e.g. data=/path/to/imagenet-lt), used as "
+                                 "${NAME} in the recipe", factory=list)
+
+    def __post_init__(self) -> None:
+        for item in self.set:
+            if "=" not in item or not _VARIABLE.match(item.split("=", 1)[0]):
+                raise ValueError(f"--set takes NAME=VALUE, got {item!r}")
 
 
 @dataclass
@@ -89,6 +105,76 @@ def _interpolate(value: Any, variables: dict[str, str]) -> Any:
     return value
 
 
+def _recipe_variables(declared: Any, given: list[str], path: Path) -> dict[str, str]:
+    """The recipe's declared variables with their defaults, overridden by ``--set NAME=VALUE``."""
+    if declared is None:
+        declared = {}
+    if not isinstance(declared, dict) or not all(isinstance(k, str) and _VARIABLE.match(k) for k in declared):
+        raise ConfigError("`variables` maps names to default values (null: must be set)", where=str(path))
+    values = {k: None if v is None else str(v) for k, v in declared.items()}
+    for item in given:
+        name, value = item.split("=", 1)
+        if name not in values:
+            raise ConfigError(f"--set {name}: the recipe has no variable {name!r}", where=str(path),
+                              fix=f"its variables are {sorted(values) or 'none'}")
+        values[name] = value
+    unset = sorted(k for k, v in values.items() if v is None)
+    if unset:
+        raise ConfigError(f"the recipe needs a value for {unset[0]!r}", where=str(path),
+                          fix=f"rerun with --set {unset[0]}=...")
+    return values  # type: ignore[return-value]
+
+
+def _path_values(settings: dict[str, Any], output: Path) -> list[str]:
+    """Strings in a stage's settings that name existing files or folders outside the recipe's output."""
+    found: list[str] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, str) and value and len(value) < 4096:
+            path = Path(value)
+            try:
+                if path.exists() and not path.resolve().is_relative_to(output.resolve()):
+                    found.append(value)
+            except (OSError, ValueError):
+                pass
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+
+    for key, value in settings.items():
+        if key != "output":
+            visit(value)
+    return sorted(set(found))
+
+
+def fingerprint(path: Path, max_files: int = 500_000) -> str:
+    """A hash of the names, sizes and modification times of the files under ``path``."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        st = path.stat()
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return digest.hexdigest()[:16]
+    count = 0
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(full, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            count += 1
+            if count >= max_files:  # a huge pool: its first files stand for it
+                return digest.hexdigest()[:16] + "+"
+    return digest.hexdigest()[:16]
+
+
 def _expand_foreach(foreach: Any, where: str) -> list[dict[str, str]]:
     """``{k: [1, 2], trial: [0, 1]}`` -> one variable binding per combination, in order (k outermost)."""
     if foreach is None:
@@ -118,15 +204,16 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
 
     path = find_recipe(cfg.recipe)
     recipe = read_config_file(path)
-    unknown = set(recipe) - {"name", "description", "output", "stages"}
+    unknown = set(recipe) - {"name", "description", "output", "stages", "variables"}
     if unknown:
         raise ConfigError(f"unknown recipe key {sorted(unknown)[0]!r}", where=str(path),
-                          fix="use name, description, output, stages")
+                          fix="use name, description, output, variables, stages")
     stages = recipe.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError("a recipe needs a non-empty `stages` list", where=str(path))
-    output = Path(cfg.output or recipe.get("output") or f"runs/{path.stem}")
-    variables = {"output": str(output), "recipe_dir": str(path.parent)}
+    user_variables = _recipe_variables(recipe.get("variables"), cfg.set, path)
+    output = Path(cfg.output or _interpolate(str(recipe.get("output") or f"runs/{path.stem}"), user_variables))
+    variables = {**user_variables, "output": str(output), "recipe_dir": str(path.parent)}
 
     # Validate every stage before running any, so a typo in stage 5 does not cost stages 1-4.
     planned = []
@@ -161,7 +248,9 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
     outcomes: list[StageOutcome] = []
     chain = hashlib.sha256(b"genaug-recipe")
     for name, command, config in planned:
-        chain.update(json.dumps({"command": command, "config": config_to_dict(config)}, sort_keys=True).encode())
+        settings = config_to_dict(config)
+        inputs = {value: fingerprint(Path(value)) for value in _path_values(settings, output)}
+        chain.update(json.dumps({"command": command, "config": settings, "inputs": inputs}, sort_keys=True).encode())
         key = chain.hexdigest()
         cache_file = output / ".stages" / f"{name}.json"
         cached = json.loads(cache_file.read_text()) if cache_file.is_file() else None

@@ -165,3 +165,19 @@ def test_fewshot_protocol_aggregates_trials_and_reuses_finished_runs(tmp_path, m
     assert run_fewshot(config).table == table
     with pytest.raises(DataError, match="missing"):
         run_fewshot(FewShotConfig(world=str(world), ks=[4], trials=1, output=str(tmp_path / "fs2")))
+
+
+def test_kshot_splits_are_seeded_per_trial_and_refuse_short_classes(data, tmp_path):
+    from genaug.artefacts import read_dataset
+    from genaug.evaluate.protocols import KShotConfig, make_kshot_splits
+
+    result = make_kshot_splits(KShotConfig(data=str(data["real"]), output=str(tmp_path / "k"), ks=[1], trials=3))
+    assert result.splits == {f"k1-trial{t}": 6 for t in range(3)}
+    draws = [[r["source"] for r in read_dataset(tmp_path / "k" / f"k1-trial{t}").records] for t in range(3)]
+    assert sorted(read_dataset(tmp_path / "k" / "k1-trial0").labels.tolist()) == list(range(6))
+    assert len({tuple(d) for d in draws}) > 1  # trials differ
+    again = make_kshot_splits(KShotConfig(data=str(data["real"]), output=str(tmp_path / "k2"), ks=[1], trials=3))
+    assert [[r["source"] for r in read_dataset(again.output / f"k1-trial{t}").records] for t in range(3)] == draws
+    with pytest.raises(DataError, match="fewer than k=2"):  # the last class has one image
+        make_kshot_splits(KShotConfig(data=str(data["real"]), output=str(tmp_path / "k3"), ks=[2], trials=1))
+    assert not (tmp_path / "k3").exists()

@@ -65,10 +65,16 @@ def test_bad_recipes_fail_before_running_anything(tmp_path, text, msg):
 def test_shipped_recipes_validate():
     from genaug.recipes import RECIPE_DIRS
 
-    for recipe in sorted(RECIPE_DIRS[1].glob("*.yaml")):
-        # --only with an unknown stage fails after validation, so nothing runs.
+    from genaug.config import read_config_file
+
+    recipes = sorted(RECIPE_DIRS[1].glob("*.yaml"))
+    assert {"quickstart", "embedded-fewshot", "embedded-longtail", "imagenet-lt", "dafusion-fewshot"} <= \
+        {r.stem for r in recipes}
+    for recipe in recipes:
+        # Templates need their paths; --only with an unknown stage fails after validation, so nothing runs.
+        needed = [f"{k}=/data/{k}" for k, v in (read_config_file(recipe).get("variables") or {}).items() if v is None]
         with pytest.raises(ConfigError, match="unknown stage"):
-            run_recipe(RecipeConfig(recipe=str(recipe), only=["__none__"]))
+            run_recipe(RecipeConfig(recipe=str(recipe), only=["__none__"], set=needed))
 
 
 def test_foreach_expands_a_stage_per_combination(tmp_path):
@@ -98,3 +104,45 @@ stages:
     recipe.write_text(recipe.read_text().replace("foreach: {n: [1, 2], seed: [0, 5]}", "foreach: {n: []}"))
     with pytest.raises(ConfigError, match="non-empty lists"):
         run_recipe(RecipeConfig(recipe=str(recipe), output=str(tmp_path / "out2")))
+
+
+VARIABLE_RECIPE = """
+name: on-user-data
+variables: {data: null, per_real: 1}
+stages:
+  - name: model
+    command: kit
+    config: {arch: sd15, output: "${output}/model"}
+  - name: synth
+    command: synth
+    config:
+      model: ${output}/model
+      real_data: ${data}
+      output: ${output}/synth
+      per_real: ${per_real}
+      num_inference_steps: 2
+      device: cpu
+"""
+
+
+def test_variables_and_edited_user_data_rerun_the_stages_that_read_it(tmp_path, shape_images):
+    recipe = tmp_path / "user.yaml"
+    recipe.write_text(VARIABLE_RECIPE)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="needs a value for 'data'"):
+        run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    with pytest.raises(ConfigError, match="no variable 'dta'"):
+        run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), set=[f"dta={shape_images}"]))
+    first = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), set=[f"data={shape_images}"]))
+    assert first.stages[1].result["generated"] == 4
+    again = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), set=[f"data={shape_images}"]))
+    assert [s.cached for s in again.stages] == [True, True]
+    # The user adds an image to their folder: the config is the same, the input is not.
+    import shutil
+
+    shutil.copy(shape_images / "0.png", shape_images / "4.png")
+    edited = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), set=[f"data={shape_images}"]))
+    assert [s.cached for s in edited.stages] == [True, False]
+    assert edited.stages[1].result["generated"] == 1  # only the new image's synthetic twin
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        RecipeConfig(recipe=str(recipe), set=["oops"])

@@ -6,6 +6,9 @@ that split) by ``extra_patterns``, e.g. ``datasets/text-k{k}-t{trial}``. Every r
 folder under ``output``, so a rerun skips finished runs and resumes a killed one; ``fewshot.json``
 and ``fewshot.md`` hold the table.
 
+``genaug kshot`` draws such splits from any dataset (DA-Fusion's protocol on user data): for each
+(k, trial), k images per class sampled without replacement with a seed of (seed, k, trial).
+
 The long-tail protocol is one ``train-classifier`` run on the long-tailed split: its
 ``final.json`` already holds overall, balanced and many/medium/few accuracies.
 """
@@ -18,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..artefacts import atomic_write_json, atomic_write_text
+import numpy as np
+
+from ..artefacts import DatasetWriter, atomic_write_json, atomic_write_text, read_dataset
 from ..config import config_from_dict, option
 from ..errors import DataError
 from ..runs import RunRecord
@@ -101,3 +106,57 @@ def run_fewshot(cfg: FewShotConfig) -> FewShotResult:
     atomic_write_text(out / "fewshot.md", "\n".join(lines) + "\n")
     record.finish({"table": table})
     return FewShotResult(out, table)
+
+
+@dataclass
+class KShotConfig:
+    """Draw k-shot training splits (k images per class, several trials) from a dataset."""
+
+    data: str = option("", "dataset to sample from (genaug dataset or imagefolder)", positional=True)
+    split: str = option("train", "split of data to sample from")
+    output: str = option("datasets/fewshot", "folder for the splits: OUTPUT/k{k}-trial{trial}")
+    ks: list[int] = option(help="shots per class", factory=lambda: [1, 2, 4, 8, 16])
+    trials: int = option(4, "independent draws per k")
+    seed: int = option(0, "seed of the draws (each (k, trial) draws from its own stream)")
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("give the dataset to sample from")
+        if not self.ks or any(k < 1 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+            raise ValueError(f"ks must hold distinct shot counts >= 1, got {self.ks}")
+        if self.trials < 1:
+            raise ValueError("trials must be at least 1")
+
+
+@dataclass
+class KShotResult:
+    output: Path
+    splits: dict[str, int] = field(default_factory=dict)
+
+
+def make_kshot_splits(cfg: KShotConfig) -> KShotResult:
+    """One genaug dataset per (k, trial); every image keeps its source file and id in the metadata."""
+    ds = read_dataset(cfg.data, cfg.split)
+    members = [np.flatnonzero(ds.labels == c) for c in range(len(ds.class_names))]
+    short = [(ds.class_names[c], len(m)) for c, m in enumerate(members) if len(m) < max(cfg.ks)]
+    if short:
+        raise DataError(f"class {short[0][0]!r} has {short[0][1]} images, fewer than k={max(cfg.ks)}",
+                        where=cfg.data, fix="lower --ks or add images to that class")
+    out = Path(cfg.output)
+    record = RunRecord.start(out / "run", "kshot", cfg)
+    splits = {}
+    for k in cfg.ks:
+        for trial in range(cfg.trials):
+            rng = np.random.default_rng([cfg.seed, k, trial])
+            chosen = [(c, int(i)) for c, m in enumerate(members) for i in np.sort(rng.choice(m, k, replace=False))]
+            name = f"k{k}-trial{trial}"
+            with DatasetWriter(out / name, ds.class_names, split="train",
+                               info={"source": cfg.data, "k": k, "trial": trial, "seed": cfg.seed}) as writer:
+                for c, i in chosen:
+                    item_id = f"{c:04d}-{i:07d}"
+                    if item_id not in writer.done_ids:
+                        writer.add(item_id, ds.image(i), c, source=str(ds.records[i].get("id", i)),
+                                   source_file=str(ds.records[i]["file_name"]))
+            splits[name] = len(chosen)
+    record.finish({"splits": splits})
+    return KShotResult(out, splits)
