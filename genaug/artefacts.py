@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +61,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def discard_partial_writes(*folders: str | Path) -> None:
+    """Remove what killed writes leave directly inside ``folders``: ``atomic_write_bytes``'s
+    ``.<name>.<random>.tmp`` files and ``.partial-*`` folders (checkpoints, adapters being saved).
+    Call it only while holding the folders' lock (``folder_lock``): another writer's are in flight."""
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+        for path in folder.glob(".partial-*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -159,14 +176,21 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
 
 
 def _update_manifest(root: Path, class_names: list[str], split: str | None, split_info: dict, info: dict) -> None:
-    manifest = read_manifest(root) or {"format": FORMAT, "version": FORMAT_VERSION, "class_names": class_names,
-                                       "splits": {}, "info": {}}
-    if manifest["class_names"] != class_names:
-        raise DataError("class names differ from the ones this dataset was written with", where=str(root),
-                        fix="write to a new folder")
-    manifest["splits"][split or ""] = split_info
-    manifest["info"].update(info)
-    atomic_write_json(root / MANIFEST, manifest)
+    # Writers of different splits share the manifest: read-modify-write it under a blocking lock
+    # so one writer's update never overwrites another's.
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".genaug-manifest.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        for stale in root.glob(f".{MANIFEST}.*.tmp"):  # a killed update's temporary
+            stale.unlink(missing_ok=True)
+        manifest = read_manifest(root) or {"format": FORMAT, "version": FORMAT_VERSION, "class_names": class_names,
+                                           "splits": {}, "info": {}}
+        if manifest["class_names"] != class_names:
+            raise DataError("class names differ from the ones this dataset was written with", where=str(root),
+                            fix="write to a new folder")
+        manifest["splits"][split or ""] = split_info
+        manifest["info"].update(info)
+        atomic_write_json(root / MANIFEST, manifest)
 
 
 # --------------------------------------------------------------------------- dataset writer
@@ -212,7 +236,8 @@ class DatasetWriter:
         self.folder = self.root / split if split else self.root
         self.threads, self.in_flight = threads, in_flight
         self._lock: contextlib.ExitStack | None = None
-        self._meta_fh: io.BufferedWriter | None = None
+        self._meta_fh: io.FileIO | None = None
+        self._meta_size = 0  # bytes of whole lines in metadata.jsonl
         self._executor: ThreadPoolExecutor | None = None
         self._queued: deque[tuple[Future | None, str, bytes]] = deque()
         self.done_ids: set[str] = set()
@@ -221,6 +246,7 @@ class DatasetWriter:
     def __enter__(self) -> "DatasetWriter":
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(folder_lock(self.folder))
+        discard_partial_writes(self.folder, self.folder / "images")  # what a killed writer left half-done
         meta_path = self.folder / METADATA
         rows = read_metadata_lines(meta_path, tolerate_partial_tail=True)
         # Rewrite the file without a torn tail so appends start on a clean line.
@@ -232,7 +258,9 @@ class DatasetWriter:
         self.count = len(rows)
         (self.folder / "images").mkdir(parents=True, exist_ok=True)
         _update_manifest(self.root, self.class_names, self.split, {"num_items": self.count, "complete": False}, self.info)
-        self._meta_fh = open(meta_path, "ab")
+        # Unbuffered: every line goes to the file whole or, on a failed write (a full disk), is cut off again.
+        self._meta_fh = open(meta_path, "ab", buffering=0)
+        self._meta_size = meta_path.stat().st_size
         if self.threads:
             self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="genaug-writer")
         return self
@@ -269,10 +297,22 @@ class DatasetWriter:
             if future is not None:
                 future.result()  # re-raises a failed write before its line could point at nothing
             self._queued.popleft()
-            self._meta_fh.write(line)
+            self._append(line)
             self.done_ids.add(item_id)
             self.count += 1
-        self._meta_fh.flush()
+
+    def _append(self, line: bytes) -> None:
+        """Append one metadata line entirely, or leave the file as it was (no torn line on ENOSPC)."""
+        view = memoryview(line)
+        try:
+            while view:
+                written = self._meta_fh.write(view)
+                view = view[written or 0:]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._meta_fh.fileno(), self._meta_size)
+            raise
+        self._meta_size += len(line)
 
     def _settle_written(self) -> None:
         """After a failure, keep the lines of the images written before the first failed one."""
@@ -280,7 +320,10 @@ class DatasetWriter:
             future, item_id, line = self._queued.popleft()
             if future is not None and (future.cancelled() or future.exception() is not None):
                 break
-            self._meta_fh.write(line)
+            try:
+                self._append(line)
+            except OSError:  # the disk is full: keep the lines already written
+                break
             self.done_ids.add(item_id)
             self.count += 1
         self._queued.clear()
@@ -293,21 +336,26 @@ class DatasetWriter:
             exc_type = type(error)
             raise
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True, cancel_futures=True)
-                self._executor = None
-            if self._meta_fh is not None:
-                if exc_type is not None:
-                    self._settle_written()
-                self._meta_fh.flush()
-                os.fsync(self._meta_fh.fileno())
-                self._meta_fh.close()
-                self._meta_fh = None
-            complete = exc_type is None
-            _update_manifest(self.root, self.class_names, self.split, {"num_items": self.count, "complete": complete},
-                             self.info)
-            if self._lock is not None:
-                self._lock.close()
+            # Each step in its own try, so a failure here (a full disk) still releases the folder.
+            try:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=True, cancel_futures=True)
+                    self._executor = None
+                if self._meta_fh is not None:
+                    try:
+                        if exc_type is not None:
+                            self._settle_written()
+                        os.fsync(self._meta_fh.fileno())
+                    finally:
+                        self._meta_fh.close()
+                        self._meta_fh = None
+                complete = exc_type is None
+                _update_manifest(self.root, self.class_names, self.split,
+                                 {"num_items": self.count, "complete": complete}, self.info)
+            finally:
+                if self._lock is not None:
+                    self._lock.close()
+                    self._lock = None
 
 
 def _json_default(value: Any) -> Any:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import GenaugError
+from .errors import GenaugError, close_progress_bars, disk_full_error
 
 
 @dataclass(frozen=True)
@@ -124,14 +124,21 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     except GenaugError as exc:
         if debug:
             raise
+        close_progress_bars()  # a bar left open mid-line would swallow the start of the error
         sys.stderr.write(f"genaug {name}: error: {exc.one_line()}\n")
         return exc.exit_code
     except KeyboardInterrupt:
+        close_progress_bars()
         sys.stderr.write(f"genaug {name}: interrupted; rerun the same command to resume\n")
         return 130
     except Exception as exc:  # noqa: BLE001 - last resort: still one line, traceback on --debug
         if debug:
             raise
+        close_progress_bars()
+        disk_full = disk_full_error(exc)  # every stage resumes: a full disk is the user's to fix
+        if disk_full is not None:
+            sys.stderr.write(f"genaug {name}: error: {disk_full.one_line()}\n")
+            return disk_full.exit_code
         first = (str(exc).strip().splitlines() or [""])[0]
         sys.stderr.write(f"genaug {name}: internal error: {type(exc).__name__}: {first} "
                          "(rerun with --debug for the traceback)\n")

@@ -7,6 +7,8 @@ traceback is shown only with ``--debug``.
 
 from __future__ import annotations
 
+import errno
+
 
 class GenaugError(Exception):
     """A failure caused by input or environment, reported to the user as one line."""
@@ -36,3 +38,37 @@ class DataError(GenaugError):
 
 class ModelError(GenaugError):
     """A model or adapter that cannot be loaded or does not fit the base model."""
+
+
+class DiskFullError(GenaugError):
+    """The disk (or a quota) filled up while a stage wrote its outputs; a rerun resumes."""
+
+
+def disk_full_error(exc: BaseException) -> DiskFullError | None:
+    """A one-line :class:`DiskFullError` if ``exc`` (or an exception in its chain) is an ``OSError``
+    meaning "no space left" (ENOSPC, EDQUOT), else None.
+
+    For the CLI's last-resort ``except Exception`` branch, before its "internal error" line: every
+    stage resumes, so a full disk is a user-fixable error, not an internal one."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            target = f" while writing {error.filename}" if error.filename else ""
+            return DiskFullError(f"disk full{target} ({error.strerror or 'no space left on device'})",
+                                 fix="free space (or use another folder) and rerun the same command to resume")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm bar, so that a one-line error printed next starts on a line of its own
+    (a stage that fails inside a loop leaves its bar open, mid-line, until it is garbage-collected).
+    For the CLI, before it writes an error or "interrupted" line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

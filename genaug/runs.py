@@ -65,3 +65,4 @@ class RunRecord:
     def finish(self, metrics: dict[str, Any]) -> None:
         atomic_write_json(self.folder / "metrics.json", {
             "stage": self.stage, "seconds": round(time.time() - self.started, 3), **metrics})
+

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_bytes, atomic_write_json, folder_lock, list_splits, read_dataset
+from ..artefacts import (atomic_write_bytes, atomic_write_json, discard_partial_writes, folder_lock, list_splits,
+                         read_dataset)
 from ..checkpoints import require_finite
 from ..config import config_to_dict, option
 from ..errors import ConfigError, DataError
@@ -372,6 +373,7 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
     """``train_classifier`` from the first write on, with the output folder locked."""
     from ..pretrain.data import CLIP_MEAN, CLIP_STD
 
+    discard_partial_writes(out)  # a killed run's temporaries
     num_classes = len(class_names)
     record = RunRecord.start(out, "train-classifier", cfg)
     generator = torch.Generator().manual_seed(cfg.seed)

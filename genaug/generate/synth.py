@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artefacts import (METADATA, DatasetWriter, GenaugDataset, open_image, read_dataset, read_metadata_lines,
-                         safe_child, slugify)
+from ..artefacts import (METADATA, DatasetWriter, GenaugDataset, discard_partial_writes, open_image, read_dataset,
+                         read_metadata_lines, safe_child, slugify)
 from ..budget import check_budget, images_per_class_budget
 from ..config import option
 from ..errors import ConfigError, ModelError
@@ -505,25 +505,27 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
         load_adapters(pipe, cfg.adapters, cfg.adapter_weights)
     if pipe is not None and method.name != "text":
         _sampler_for(pipe, method.name, needs_unclip=method.name == "augcond")  # refuse before writing anything
-    record = RunRecord.start(out / "run", "synth", cfg)
     info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data}
     with DatasetWriter(out, class_names, split="train", info=info) as writer:
+        # Only once the folder is ours: a refused second writer must not rewrite the run record.
+        discard_partial_writes(out / "run")
+        record = RunRecord.start(out / "run", "synth", cfg)
         todo = [it for it in items if it.id not in writer.done_ids]
         skipped = len(items) - len(todo)
         t0 = time.time()
         if todo:
             size = cfg.resolution or default_resolution(pipe)
-            bar = tqdm(total=len(todo), desc=f"synth:{cfg.method}", unit="img", dynamic_ncols=True)
-            for start in range(0, len(todo), cfg.batch_size):
-                batch = todo[start : start + cfg.batch_size]
-                images = method.generate(pipe, batch, cfg, size, real_images)
-                for it, image in zip(batch, images):
-                    writer.add(it.id, image, it.label, method=cfg.method, prompt=it.prompt,
-                               negative_prompt=it.negative_prompt, seed=it.seed, source=it.source,
-                               guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
-                               model=cfg.model, adapters=cfg.adapters, sample_weight=1.0, **it.params)
-                bar.update(len(batch))
-            bar.close()
+            # A context manager: a failure closes the bar, so the error prints on a line of its own.
+            with tqdm(total=len(todo), desc=f"synth:{cfg.method}", unit="img", dynamic_ncols=True) as bar:
+                for start in range(0, len(todo), cfg.batch_size):
+                    batch = todo[start : start + cfg.batch_size]
+                    images = method.generate(pipe, batch, cfg, size, real_images)
+                    for it, image in zip(batch, images):
+                        writer.add(it.id, image, it.label, method=cfg.method, prompt=it.prompt,
+                                   negative_prompt=it.negative_prompt, seed=it.seed, source=it.source,
+                                   guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
+                                   model=cfg.model, adapters=cfg.adapters, sample_weight=1.0, **it.params)
+                    bar.update(len(batch))
         seconds = time.time() - t0
     result = SynthResult(out, cfg.method, len(items), len(todo), skipped, round(seconds, 3),
                          round(len(todo) / seconds, 3) if todo and seconds > 0 else 0.0)
@@ -545,10 +547,10 @@ def merge_synth_shards(cfg: SynthConfig, items: list[SynthItem], class_names: li
                           where=str(Path(cfg.output) / "shards"),
                           fix=f"finish every shard (--shard i/{count}) with the same settings, then merge")
     out = Path(cfg.output)
-    record = RunRecord.start(out / "run", "synth-merge", cfg)
     info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data, "merged_shards": count}
     written = 0
     with DatasetWriter(out, class_names, split="train", info=info) as writer:
+        record = RunRecord.start(out / "run", "synth-merge", cfg)
         for it in items:
             if it.id in writer.done_ids:
                 continue

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_json, folder_lock, read_dataset, read_safetensors
+from ..artefacts import atomic_write_json, discard_partial_writes, folder_lock, read_dataset, read_safetensors
 from ..checkpoints import list_checkpoints, load_training_state, require_finite, save_training_state, step_generator
 from ..config import config_to_dict, option
 from ..errors import ConfigError, DataError, ModelError
@@ -190,6 +190,7 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    discard_partial_writes(out, out / "run", out / "checkpoints")  # a killed run's temporaries
     class_pixels = None
     if cfg.with_prior_preservation:
         class_folder = _ensure_class_images(cfg, out, size)
@@ -320,7 +321,7 @@ def save_diffusers_lora(pipe, out: Path, unet_sd: dict, te_sd: dict | None) -> P
         config = getattr(model, "peft_config", {}).get("default")
         return config.to_dict() if config is not None else None
 
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as tmp:
         type(pipe).save_lora_weights(tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
                                      unet_lora_adapter_metadata=peft_metadata(pipe.unet),
                                      text_encoder_lora_adapter_metadata=peft_metadata(pipe.text_encoder) if te_sd

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..artefacts import atomic_write_bytes, atomic_write_json, folder_lock, read_json_object
+from ..artefacts import (atomic_write_bytes, atomic_write_json, discard_partial_writes, folder_lock,
+                         read_json_object)
 from ..config import config_to_dict, option
 from ..errors import ConfigError, DataError
 from ..runs import RunRecord
@@ -310,16 +311,19 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
         raise DataError("the pool is empty", where=cfg.pool, fix="index a pool with at least one image")
     timings["read_listing"] = time.perf_counter() - t0
     encoder = ClipEncoder(cfg.model, cfg.device, cfg.batch_size)  # before touching the output
-    record = RunRecord.start(out / "run", "index", cfg)
     fingerprint = {"pool": pool.spec(), "num_rows": len(pool), "model": resolve_model(cfg.model),
                    "shard_size": cfg.shard_size}
-    with folder_lock(out, "building an index"):
+    with folder_lock(out, "building an index in"):
         started_file = out / "embeddings" / "build.json"
         if started_file.is_file():
             previous = read_json_object(started_file, "index build record")
             if previous != fingerprint:
                 raise ConfigError("the output folder holds an index of another pool, model or shard size",
                                   where=str(out), fix="choose a new --output or delete the folder")
+        record = RunRecord.start(out / "run", "index", cfg)  # once the folder is ours
+        # A killed build's temporaries (nobody else writes here while we hold the lock).
+        discard_partial_writes(out, out / "run", out / "embeddings")
+        (out / f"{INDEX_FILE}.tmp").unlink(missing_ok=True)
         atomic_write_json(started_file, fingerprint)
         (out / INDEX_JSON).unlink(missing_ok=True)  # rebuilt below: the old one no longer describes it
         _write_metadata(out, pool)
@@ -329,8 +333,9 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
         image_paths = shard_paths(out, "image", len(pool), cfg.shard_size)
         caption_paths = shard_paths(out, "caption", len(pool), cfg.shard_size) if with_captions else []
         embed_seconds, read_seconds, embedded_rows = 0.0, 0.0, 0
-        bar = tqdm(total=len(pool), desc="index:embed", unit="img", dynamic_ncols=True)
-        with ThreadPoolExecutor(cfg.read_threads) as readers:
+        # The bar as a context manager: a failure closes it, so the error prints on a line of its own.
+        with ThreadPoolExecutor(cfg.read_threads) as readers, \
+                tqdm(total=len(pool), desc="index:embed", unit="img", dynamic_ncols=True) as bar:
             for s, path in enumerate(image_paths):
                 rows = range(s * cfg.shard_size, min(len(pool), (s + 1) * cfg.shard_size))
                 need_captions = with_captions and not caption_paths[s].is_file()
@@ -355,7 +360,6 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
                     t_embed = time.perf_counter()
                     _save_npy(caption_paths[s], encoder.encode_texts([pool.captions[i] for i in rows]))
                     embed_seconds += time.perf_counter() - t_embed
-        bar.close()
         timings["read_images"] = read_seconds
         timings["embed"] = embed_seconds
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..artefacts import DatasetWriter, list_splits, read_dataset, slugify
+from ..artefacts import DatasetWriter, discard_partial_writes, list_splits, read_dataset, slugify
 from ..budget import check_budget, images_per_class_budget
 from ..config import option
 from ..errors import DataError
@@ -197,10 +197,11 @@ def retrieve(cfg: RetrieveConfig) -> RetrieveResult:
             shortfall[name] = wanted - len(picks)
 
     out = Path(cfg.output)
-    record = RunRecord.start(out / "run", "retrieve", cfg)
     info = {"method": "retrieval", "index": cfg.index, "model": encoder.name, "real_data": cfg.real_data,
             "query": cfg.query, "excluded": excluded}
     with DatasetWriter(out, class_names, split="train", info=info, threads=2) as writer:
+        discard_partial_writes(out / "run")
+        record = RunRecord.start(out / "run", "retrieve", cfg)  # once the folder is ours
         todo = [p for p in plan if p["id"] not in writer.done_ids]
         for item in tqdm(todo, desc="retrieve:write", unit="img", dynamic_ncols=True):
             meta = index.metadata[item["row"]]
