@@ -497,3 +497,29 @@ def test_the_source_has_no_unsafe_loading_or_shell():
                 found.append(f"{path.name}:{number}: torch.load without weights_only=True")
     assert not found, found
     assert "weights_only=True" in (root / "artefacts.py").read_text()  # the one opt-in path exists
+
+
+# --------------------------------------------------------------------------- scraped retrieval pools
+@pytest.mark.parametrize("skip", [True, False])
+def test_unreadable_pool_images_are_skipped_or_refused(skip, kit, tmp_path, capsys):
+    pool = imagefolder(tmp_path / "pool", per_class=6)
+    (pool / "a" / "broken.png").write_bytes(BROKEN["truncated_png"]())
+    (pool / "b" / "empty.png").write_bytes(b"")
+    index = tmp_path / "index"
+    argv = ["index", "--pool", str(pool), "--output", str(index), "--model", str(kit("clip")), "--shard-size", "4",
+            "--batch-size", "4", "--device", "cpu", "--skip-unreadable" if skip else "--no-skip-unreadable"]
+    code, err = run(argv, capsys)
+    if not skip:
+        assert_refused(code, err, "cannot read image", output=index)
+        assert not (index / "index.json").exists()
+        return
+    assert code == 0, err
+    info = json.loads((index / "index.json").read_text())
+    names = [Path(r["file_name"]).name for r in read_dataset(pool).records]
+    assert sorted(names[r] for r in info["unreadable_rows"]) == ["broken.png", "empty.png"]
+    out = tmp_path / "retrieved"
+    code, err = run(["retrieve", "--index", str(index), "--class-names", "a,b", "--images-per-class", "6",
+                     "--query", "text", "--output", str(out)], capsys)
+    assert code == 0, err
+    got = read_dataset(out)
+    assert len(got) == 12 and not {r["pool_row"] for r in got.records} & set(info["unreadable_rows"])

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..artefacts import (atomic_write_bytes, atomic_write_json, discard_partial_writes, folder_lock,
@@ -64,6 +65,8 @@ class IndexConfig:
     shard_size: int = option(10_000, "rows per embedding shard")
     batch_size: int = option(256, "images per encoder call")
     read_threads: int = option(4, "threads decoding images")
+    skip_unreadable: bool = option(True, "pool images that cannot be read get a zero embedding, are listed in "
+                                         "index.json and are never retrieved (off: refuse the pool)")
     limit: int = option(0, "index only the first N pool rows (0: all)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     seed: int = option(0, "seed of the IVF training sample and the tuning queries")
@@ -238,6 +241,17 @@ def load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
+def unreadable_path(shard: Path) -> Path:
+    return shard.with_name(shard.stem.replace("image-", "unreadable-") + ".json")
+
+
+def read_json_list(path: Path) -> list[int]:
+    data = json.loads(path.read_text())
+    if not isinstance(data, list) or not all(isinstance(r, int) for r in data):
+        raise DataError("corrupt list of unreadable rows", where=str(path), fix="delete it and its .npy shard")
+    return data
+
+
 def shard_paths(folder: Path, kind: str, num_rows: int, shard_size: int) -> list[Path]:
     return [folder / "embeddings" / f"{kind}-{s:05d}.npy" for s in range(math.ceil(num_rows / shard_size))]
 
@@ -334,6 +348,17 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
         caption_paths = shard_paths(out, "caption", len(pool), cfg.shard_size) if with_captions else []
         embed_seconds, read_seconds, embedded_rows = 0.0, 0.0, 0
         # The bar as a context manager: a failure closes it, so the error prints on a line of its own.
+        placeholder = Image.new("RGB", (8, 8))
+
+        def read(row: int):
+            """A pool image, or None for one that cannot be read (a scraped pool always has some)."""
+            try:
+                return pool.image(row)
+            except DataError:
+                if not cfg.skip_unreadable:
+                    raise
+                return None
+
         with ThreadPoolExecutor(cfg.read_threads) as readers, \
                 tqdm(total=len(pool), desc="index:embed", unit="img", dynamic_ncols=True) as bar:
             for s, path in enumerate(image_paths):
@@ -343,16 +368,24 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
                     bar.update(len(rows))
                     continue
                 if not path.is_file():
-                    parts = []
+                    parts, unreadable = [], []
                     for start in range(rows.start, rows.stop, cfg.batch_size):
                         t_read = time.perf_counter()
-                        images = list(readers.map(pool.image, range(start, min(rows.stop, start + cfg.batch_size))))
+                        batch = range(start, min(rows.stop, start + cfg.batch_size))
+                        images = list(readers.map(read, batch))
+                        bad = [i for i, image in enumerate(images) if image is None]
+                        unreadable += [batch[i] for i in bad]
+                        images = [placeholder if image is None else image for image in images]
                         t_embed = time.perf_counter()
-                        parts.append(encoder.encode_images(images))
+                        vectors = encoder.encode_images(images)
+                        vectors[bad] = 0.0  # matches nothing; the row is never retrieved either
+                        parts.append(vectors)
                         read_seconds += t_embed - t_read
                         embed_seconds += time.perf_counter() - t_embed
                         embedded_rows += len(images)
                         bar.update(len(images))
+                    # The list first: a shard counts as done once its .npy exists.
+                    atomic_write_json(unreadable_path(path), unreadable)
                     _save_npy(path, np.concatenate(parts).astype(np.float32))
                 else:
                     bar.update(len(rows))
@@ -362,6 +395,11 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
                     embed_seconds += time.perf_counter() - t_embed
         timings["read_images"] = read_seconds
         timings["embed"] = embed_seconds
+        unreadable_rows = sorted(r for p in image_paths if unreadable_path(p).is_file()
+                                 for r in read_json_list(unreadable_path(p)))
+        if unreadable_rows:
+            print(f"index: {len(unreadable_rows)} pool images could not be read and will never be retrieved "
+                  f"(rows listed in index.json: unreadable_rows)")
 
         # 2. Index over the image embeddings, tuned against exact search.
         vectors = np.concatenate([load_npy(p) for p in image_paths]).astype(np.float32)
@@ -380,7 +418,8 @@ def build_index(cfg: IndexConfig) -> IndexResult | dict[str, Any]:
             "shard_size": cfg.shard_size, "captions": bool(with_captions), "index": spec, "search_depth": depth,
             "recall_at_10": round(float(recall), 4) if len(vectors) > 1 else None,
             "target_recall": cfg.target_recall, "queries_per_second": round(qps, 1), "seconds": timings,
-            "embedding_images_per_second": images_per_second, "config": config_to_dict(cfg),
+            "embedding_images_per_second": images_per_second, "unreadable_rows": unreadable_rows,
+            "config": config_to_dict(cfg),
         }
         atomic_write_json(out / INDEX_JSON, info)
     result = IndexResult(out, int(len(vectors)), int(vectors.shape[1]), {**spec, "search_depth": depth},
@@ -407,6 +446,7 @@ class PoolIndex:
             set_search_depth(self.index, int(self.info["search_depth"]))
         self.metadata = read_metadata(self.folder)
         self.image_embeddings = load_embeddings(self.folder, "image")
+        self.unreadable = set(self.info.get("unreadable_rows") or [])
         spec = self.info["pool"]
         self.pool = open_pool(spec["location"], spec.get("split"), spec["kind"])
         if len(self.pool) < len(self.metadata):

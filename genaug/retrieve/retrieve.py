@@ -242,7 +242,7 @@ def _pick_for_class(index, streams, wanted: int, oversample: int, taken: set[int
                 while cursors[s] < len(candidates):
                     row, score = candidates[cursors[s]]
                     cursors[s] += 1
-                    if row in taken or row in chosen or exclusion.rejects(row, index):
+                    if row in taken or row in chosen or row in index.unreadable or exclusion.rejects(row, index):
                         continue
                     picks.append((row, score, query_type, query))
                     chosen.add(row)
