@@ -74,3 +74,28 @@ def test_bad_tokens_are_refused(kit, shape_images, tmp_path):
         train_textual_inversion(_cfg(kit, shape_images, tmp_path / "a", initializer_token="red circle"))
     with pytest.raises(ValueError, match="without spaces"):
         TextualInversionConfig(placeholder_token="two words")
+
+
+def test_per_class_inversions_feed_synthesis_da_fusion_style(kit, tmp_path):
+    from PIL import Image, ImageDraw
+
+    from genaug.artefacts import DatasetWriter, read_dataset
+    from genaug.generate.synth import SynthConfig, synthesize
+
+    names = ["red blob", "blue bar"]
+    with DatasetWriter(tmp_path / "real", names) as writer:
+        for label, colour in enumerate([(220, 30, 30), (30, 30, 220)]):
+            for j in range(2):
+                im = Image.new("RGB", (32, 32), "white")
+                ImageDraw.Draw(im).rectangle([4 + j, 4, 20 + 8 * label, 26], fill=colour)
+                writer.add(f"r{label}-{j}", im, label)
+    result = train_textual_inversion(_cfg(kit, tmp_path / "real", tmp_path / "ti", per_class=True, max_train_steps=2))
+    assert result.classes == {"red blob": {"adapter": "red-blob", "words": "<red-blob> <red-blob>_1"},
+                              "blue bar": {"adapter": "blue-bar", "words": "<blue-bar> <blue-bar>_1"}}
+    assert read_adapter_config(tmp_path / "ti" / "blue-bar")["config"]["instance_class"] == "blue bar"
+    synth = synthesize(SynthConfig(model=str(kit("sd15")), real_data=str(tmp_path / "real"), method="img2img",
+                                   per_real=1, class_adapters=str(tmp_path / "ti"), output=str(tmp_path / "syn"),
+                                   num_inference_steps=2, device="cpu"))
+    assert synth.generated == 4
+    prompts = {r["class_name"]: r["prompt"] for r in read_dataset(tmp_path / "syn").records}
+    assert "<red-blob> <red-blob>_1" in prompts["red blob"] and "<blue-bar> <blue-bar>_1" in prompts["blue bar"]

@@ -8,6 +8,7 @@ continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class SynthConfig:
     adapters: list[str] = option(help="adapter folders to load (LoRA, textual inversion, merged), e.g. DA-Fusion's "
                                       "per-class tokens", factory=list)
     adapter_weights: list[float] = option(help="one weight per adapter (LoRA scale; default 1)", factory=list)
+    class_adapters: str | None = option(None, "DA-Fusion: a folder written by `genaug train-ti --per-class`; loads "
+                                              "every class's inversion and writes each class with its tokens")
     class_words: dict = option(help="words that stand for a class in prompts, e.g. {'dotted star': '<star>'} "
                                     "(default: the class name)", factory=dict)
     shard: str = option("", "i/N: generate only the i-th of N interleaved shares of the plan, into "
@@ -483,6 +486,14 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
     With a shard ``i/N`` only items ``i, i+N, i+2N, ...`` of the plan are generated, into
     ``OUTPUT/shards/``; every item keeps its id and seed, so the merged result equals an unsharded run.
     """
+    if cfg.class_adapters:
+        from ..personalize.textual_inversion import read_class_adapters
+
+        adapters, words = read_class_adapters(cfg.class_adapters)
+        # The per-class inversions join the other adapters; explicit class_words still win.
+        cfg = dataclasses.replace(cfg, class_adapters=None, adapters=[*cfg.adapters, *adapters],
+                                  adapter_weights=[*cfg.adapter_weights, *[1.0] * len(adapters)]
+                                  if cfg.adapter_weights else [], class_words={**words, **cfg.class_words})
     method = create_method(cfg.method)
     real = read_dataset(cfg.real_data) if cfg.real_data else None
     class_names = real.class_names if real is not None else list(cfg.class_names)

@@ -16,6 +16,7 @@ random draws come from a generator seeded by ``(seed, step)``, so a resumed run 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import write_adapter
+from ..artefacts import ADAPTER_CONFIG, write_adapter
 from ..checkpoints import list_checkpoints, load_training_state, require_finite, save_training_state, step_generator
 from ..config import config_to_dict, option
 from ..errors import ConfigError
@@ -64,6 +65,9 @@ class TextualInversionConfig:
     resume: bool = option(True, "resume from the newest checkpoint in output/checkpoints")
     seed: int = option(0, "seed of every random draw")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    per_class: bool = option(False, "DA-Fusion: one inversion per class of instance_data, into OUTPUT/<class>/ "
+                                    "with the token <class>; OUTPUT/class_adapters.json maps classes to them "
+                                    "(for `genaug synth --class-adapters OUTPUT`)")
 
     def __post_init__(self) -> None:
         if self.num_vectors < 1 or self.max_train_steps < 1 or self.train_batch_size < 1 or self.rank < 1:
@@ -123,8 +127,62 @@ class TrainableRows:
         self.weight[self.fixed] = self.original[self.fixed].to(self.weight)
 
 
-def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResult:
+@dataclass
+class ClassAdaptersResult:
+    output: Path
+    classes: dict[str, dict[str, str]]
+    seconds: float
+
+
+CLASS_ADAPTERS = "class_adapters.json"
+
+
+def train_per_class(cfg: TextualInversionConfig) -> ClassAdaptersResult:
+    """One textual inversion per class (DA-Fusion), each resumable; the map is written last."""
+    from ..artefacts import atomic_write_json, read_dataset, slugify
+
+    t0 = time.time()
+    classes = read_dataset(cfg.instance_data).class_names
+    out = Path(cfg.output)
+    mapping = {}
+    for name in classes:
+        slug = slugify(name)
+        folder = out / slug
+        token = f"<{slug}>"
+        if not (folder / ADAPTER_CONFIG).is_file():
+            train_textual_inversion(dataclasses.replace(cfg, per_class=False, instance_class=name,
+                                                        placeholder_token=token, output=str(folder)))
+        words = " ".join([token] + [f"{token}_{i}" for i in range(1, cfg.num_vectors)])
+        mapping[name] = {"adapter": slug, "words": words}
+    atomic_write_json(out / CLASS_ADAPTERS, {"format": "genaug-class-adapters", "classes": mapping,
+                                             "model": cfg.model, "instance_data": cfg.instance_data})
+    return ClassAdaptersResult(out, mapping, round(time.time() - t0, 3))
+
+
+def read_class_adapters(folder: str | Path) -> tuple[list[str], dict[str, str]]:
+    """``(adapter folders, {class: words})`` of a folder written by ``train-ti --per-class``."""
+    from ..artefacts import read_json_object, safe_child
+
+    folder = Path(folder)
+    data = read_json_object(folder / CLASS_ADAPTERS, "per-class adapters (train-ti --per-class)")
+    classes = data.get("classes")
+    if data.get("format") != "genaug-class-adapters" or not isinstance(classes, dict):
+        raise ConfigError("not a per-class adapter map", where=str(folder / CLASS_ADAPTERS))
+    adapters, words = [], {}
+    for name, entry in classes.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("adapter"), str) \
+                or not isinstance(entry.get("words"), str):
+            raise ConfigError(f"bad entry for class {name!r}", where=str(folder / CLASS_ADAPTERS))
+        adapters.append(str(safe_child(folder, entry["adapter"])))
+        words[name] = entry["words"]
+    return adapters, words
+
+
+def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResult | ClassAdaptersResult:
     from diffusers import DDPMScheduler
+
+    if cfg.per_class:
+        return train_per_class(cfg)
 
     device = resolve_device(cfg.device)
     pipe, family = load_base_for_personalization(cfg.model, cfg.instance_data, "train-ti", str(device))
