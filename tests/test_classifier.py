@@ -181,3 +181,13 @@ def test_kshot_splits_are_seeded_per_trial_and_refuse_short_classes(data, tmp_pa
     with pytest.raises(DataError, match="fewer than k=2"):  # the last class has one image
         make_kshot_splits(KShotConfig(data=str(data["real"]), output=str(tmp_path / "k3"), ks=[2], trials=1))
     assert not (tmp_path / "k3").exists()
+
+
+def test_streaming_from_disk_trains_exactly_like_in_memory(data, tmp_path, capsys):
+    kw = dict(extra_data=[str(data["synth"])], mix="replace", synthetic_prob=0.5, checkpoint_every=0)
+    memory = train_classifier(cfg(data, tmp_path / "memory", **kw))
+    streamed = train_classifier(cfg(data, tmp_path / "streamed", max_memory_gb=1e-6, **kw))
+    assert "streaming it from disk" in capsys.readouterr().out
+    assert (tmp_path / "memory" / "model.safetensors").read_bytes() == \
+        (tmp_path / "streamed" / "model.safetensors").read_bytes()
+    assert streamed.per_class == memory.per_class and streamed.test_accuracy == memory.test_accuracy

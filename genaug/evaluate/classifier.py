@@ -80,7 +80,7 @@ class ClassifierConfig:
     many_threshold: int = option(100, "a class with more training images than this is 'many'")
     few_threshold: int = option(20, "a class with fewer training images than this is 'few' (medium between)")
     checkpoint_every: int = option(5, "save a resumable checkpoint every N epochs (0: never)")
-    max_memory_gb: float = option(8.0, "refuse datasets whose decoded images would exceed this")
+    max_memory_gb: float = option(8.0, "hold decoded images in memory up to this; larger datasets stream from disk")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     seed: int = option(0, "seed of initialization, sampling and augmentation")
     progress: bool = option(True, "show a progress bar")
@@ -120,9 +120,53 @@ class ClassifierResult:
 
 
 # --------------------------------------------------------------------------- data
+class StreamedPixels:
+    """uint8 images (N, 3, S, S) decoded from disk when indexed: for datasets above ``max_memory_gb``.
+
+    Indexing returns exactly what the in-memory path holds (same decode, same resize), so a run
+    trains the same either way; it only trades memory for decoding time (threads hide most of it).
+    """
+
+    def __init__(self, parts: list[tuple[Any, int]], size: int, threads: int = 8):
+        self.parts = parts  # (dataset, record index) per row
+        self.size = size
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="genaug-decode")
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def _decode(self, row: int) -> torch.Tensor:
+        ds, i = self.parts[row]
+        return torch.from_numpy(decode_resized(ds, i, self.size)).permute(2, 0, 1)
+
+    def take(self, rows: list[int]) -> torch.Tensor:
+        return torch.stack(list(self._pool.map(self._decode, rows)))
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):
+            return self.take(list(range(len(self))[key]))
+        return self._decode(int(key))
+
+    def __add__(self, other: "StreamedPixels") -> "StreamedPixels":
+        return StreamedPixels(self.parts + other.parts, self.size)
+
+
+def decode_resized(ds, i: int, size: int) -> np.ndarray:
+    from PIL import Image
+
+    image = ds.image(i)
+    if size and image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def take_pixels(pixels: "torch.Tensor | StreamedPixels", rows: list[int]) -> torch.Tensor:
+    return pixels.take(rows) if isinstance(pixels, StreamedPixels) else pixels[rows]
+
+
 @dataclass
 class Images:
-    pixels: torch.Tensor  # uint8 (N, 3, S, S)
+    pixels: "torch.Tensor | StreamedPixels"  # uint8 (N, 3, S, S)
     labels: torch.Tensor
     weights: torch.Tensor
     ids: list[str]
@@ -131,9 +175,8 @@ class Images:
 
 def load_images(root: str, split: str | None, size: int, class_names: list[str] | None, max_memory_gb: float,
                 what: str) -> tuple[Images, list[str]]:
-    """Decode a dataset split into memory at ``size`` px; labels are remapped by class name onto ``class_names``."""
-    from PIL import Image
-
+    """A dataset split at ``size`` px, decoded into memory (or streamed when above ``max_memory_gb``); labels are
+    remapped by class name onto ``class_names``."""
     ds = read_dataset(root, split)
     names = class_names or ds.class_names
     if class_names is not None:
@@ -141,33 +184,61 @@ def load_images(root: str, split: str | None, size: int, class_names: list[str] 
         if unknown:
             raise DataError(f"{what} has classes the real data lacks: {unknown[:3]}", where=root,
                             fix="make extra and test data from the same class list")
-    if size and len(ds) * 3 * size * size / 2 ** 30 > max_memory_gb:
-        raise DataError(f"{what} would take {len(ds) * 3 * size * size / 2 ** 30:.1f} GB decoded", where=root,
-                        fix="lower --image-size or raise --max-memory-gb")
-    lookup = {n: i for i, n in enumerate(names)}
-
-    def decode(i: int) -> np.ndarray:
-        image = ds.image(i)
-        if size and image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
-
-    with ThreadPoolExecutor(4) as pool:
-        arrays = list(pool.map(decode, range(len(ds))))
-    if not arrays:
+    if not len(ds):
         raise DataError(f"{what} is empty", where=root, fix="give a dataset with images")
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise DataError(f"{what} images differ in size {sorted(shapes)[:2]}", where=root,
-                        fix="set --image-size to resize them all")
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    lookup = {n: i for i, n in enumerate(names)}
+    if size and len(ds) * 3 * size * size / 2 ** 30 > max_memory_gb:
+        # Too big to hold decoded: stream from disk. Check every file opens first, so a bad one is
+        # refused before anything is written rather than in the middle of training.
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: _check_header(ds, i), range(len(ds))))
+        print(f"{what}: {len(ds) * 3 * size * size / 2 ** 30:.1f} GB decoded is above --max-memory-gb "
+              f"{max_memory_gb:g}: streaming it from disk", flush=True)
+        pixels = StreamedPixels([(ds, i) for i in range(len(ds))], size)
+    else:
+        with ThreadPoolExecutor(4) as pool:
+            arrays = list(pool.map(lambda i: decode_resized(ds, i, size), range(len(ds))))
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise DataError(f"{what} images differ in size {sorted(shapes)[:2]}", where=root,
+                            fix="set --image-size to resize them all")
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([lookup[ds.class_names[int(r["label"])]] for r in ds.records])
     weights = torch.tensor([float(r.get("sample_weight", 1.0) or 0.0) for r in ds.records])
     return Images(pixels, labels, weights, [str(r.get("id", r["file_name"])) for r in ds.records],
                   [r.get("source") for r in ds.records]), names
 
 
+def _check_header(ds, i: int) -> None:
+    """Open an image's header (format, size, pixel limit) without decoding it."""
+    from PIL import Image
+
+    from ..artefacts import MAX_IMAGE_PIXELS
+
+    path = ds.image_path(i)
+    try:
+        with Image.open(path) as im:
+            pixels = im.width * im.height
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image ({type(exc).__name__}: {exc})", where=str(path),
+                        fix="replace or remove the file") from None
+    if pixels > MAX_IMAGE_PIXELS:
+        raise DataError(f"image is above the {MAX_IMAGE_PIXELS} pixel limit", where=str(path),
+                        fix="resize it or remove it")
+
+
 def _concat(parts: list[Images]) -> Images:
+    if any(isinstance(p.pixels, StreamedPixels) for p in parts):
+        # Mixed: hold the in-memory parts' rows as streamed too (they decode the same way).
+        streamed = [p.pixels if isinstance(p.pixels, StreamedPixels) else None for p in parts]
+        if any(x is None for x in streamed):
+            raise DataError("extra datasets mix streamed and in-memory sizes", fix="raise --max-memory-gb so they "
+                            "fit, or lower it so every one streams")
+        pixels = streamed[0]
+        for other in streamed[1:]:
+            pixels = pixels + other
+        return Images(pixels, torch.cat([p.labels for p in parts]), torch.cat([p.weights for p in parts]),
+                      sum((p.ids for p in parts), []), sum((p.sources for p in parts), []))
     return Images(torch.cat([p.pixels for p in parts]), torch.cat([p.labels for p in parts]),
                   torch.cat([p.weights for p in parts]), sum((p.ids for p in parts), []),
                   sum((p.sources for p in parts), []))
@@ -269,16 +340,22 @@ class MixedSampler:
         n_real = len(self.real.labels)
         swap = torch.rand(batch_size, generator=generator) < self.cfg.synthetic_prob
         choice = torch.randint(0, 2 ** 31, (batch_size,), generator=generator).tolist()
+        chosen: list[tuple[Images, int]] = []
         for b, i in enumerate(picks):
             source, index = (self.real, i) if i < n_real else (self.extra, i - n_real)
             if self.cfg.mix == "replace" and self.extra is not None and bool(swap[b]):
                 options = self.by_source.get(self.real.ids[i]) or self.by_class.get(int(self.real.labels[i]))
                 if options:
                     source, index = self.extra, options[choice[b] % len(options)]
-            pixels.append(source.pixels[index])
+            chosen.append((source, index))
             labels.append(int(source.labels[index]))
             weight = float(source.weights[index]) if (source is self.extra and self.cfg.use_sample_weights) else 1.0
             weights.append(weight)
+        # One gather per source (a streamed source decodes its rows in parallel), back in batch order.
+        for source in {id(s): s for s, _ in chosen}.values():
+            slots = [b for b, (s, _) in enumerate(chosen) if s is source]
+            pixels.extend(zip(slots, take_pixels(source.pixels, [chosen[b][1] for b in slots])))
+        pixels = [p for _, p in sorted(pixels, key=lambda pair: pair[0])]
         return torch.stack(pixels), torch.tensor(labels), torch.tensor(weights)
 
 
