@@ -16,6 +16,7 @@ Output: ``pytorch_lora_weights.safetensors`` (diffusers/peft keys, loadable with
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -178,7 +179,9 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
     if cfg.random_flip:
         instance = torch.cat([instance, instance.flip(-1)])
     # Two runs training into one folder would mix their checkpoints: hold it before writing anything.
-    with folder_lock(out, "training an adapter in"):
+    # Under `accelerate launch` only the main process writes (and locks); the others train beside it.
+    lock = folder_lock(out, "training an adapter in") if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
         return _train_lora_locked(cfg, accelerator, pipe, family, size, out, instance)
 
 
@@ -190,13 +193,18 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    discard_partial_writes(out, out / "run", out / "checkpoints")  # a killed run's temporaries
+    main = accelerator.is_main_process
+    if main:
+        discard_partial_writes(out, out / "run", out / "checkpoints")  # a killed run's temporaries
     class_pixels = None
     if cfg.with_prior_preservation:
-        class_folder = _ensure_class_images(cfg, out, size)
+        if main:  # the base model draws missing class images once, for every process
+            _ensure_class_images(cfg, out, size)
+        accelerator.wait_for_everyone()
+        class_folder = cfg.class_data or str(out / "class_images")
         class_pixels = _load_images(class_folder, None, size, "class_data")[: cfg.num_class_images]
     out.mkdir(parents=True, exist_ok=True)
-    record = RunRecord.start(out / "run", "train-lora", cfg)
+    record = RunRecord.start(out / "run", "train-lora", cfg) if main else None
     vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
     unet_config = unet.config
     for module in (vae, unet, text_encoder):
@@ -222,7 +230,12 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     params = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
     params.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate)
-    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    # As in diffusers' script: a frozen text encoder stays out of prepare() (DDP refuses a module with nothing
+    # to train).
+    if cfg.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
 
     start_step = 0
     if cfg.resume and list_checkpoints(out / "checkpoints"):
@@ -240,7 +253,8 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     bar = tqdm(range(start_step, cfg.max_train_steps), desc="train-lora", unit="step", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
     for step in bar:
-        g = step_generator(cfg.seed, step)
+        # Each process draws its own share of the step's samples (one process: the plain stream).
+        g = step_generator(cfg.seed, step * accelerator.num_processes + accelerator.process_index)
         idx = torch.randint(0, len(inst_mean), (cfg.train_batch_size,), generator=g)
         mean, std = inst_mean[idx], inst_std[idx]
         n_inst = len(idx)
@@ -283,12 +297,18 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
         loss_value = float(loss.detach())
         bar.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
-        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+        if main and cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
             save_training_state(out / "checkpoints", done, params, optimizer, info={"loss": loss_value})
-        if cfg.validation_prompt and cfg.validation_steps and done % cfg.validation_steps == 0:
+        if main and cfg.validation_prompt and cfg.validation_steps and done % cfg.validation_steps == 0:
             _validate(pipe, cfg, out, done, size)
     bar.close()
     seconds = time.time() - t0
+    accelerator.wait_for_everyone()
+    steps_run = cfg.max_train_steps - start_step
+    result = LoraTrainResult(out, out / LORA_WEIGHTS, cfg.max_train_steps, start_step, loss_value, round(seconds, 3),
+                             round(steps_run / seconds, 3) if seconds > 0 else 0.0)
+    if not main:
+        return result
 
     # 4. Save in diffusers format (+ kohya on request), atomically.
     unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(unet)))
@@ -307,9 +327,6 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
         export_kohya(weights, out / "kohya_lora.safetensors", alpha)
     if cfg.validation_prompt:
         _validate(pipe, cfg, out, cfg.max_train_steps, size)
-    steps_run = cfg.max_train_steps - start_step
-    result = LoraTrainResult(out, weights, cfg.max_train_steps, start_step, loss_value, round(seconds, 3),
-                             round(steps_run / seconds, 3) if seconds > 0 else 0.0)
     record.finish({"final_loss": loss_value, "steps": cfg.max_train_steps, "resumed_from": start_step,
                    "steps_per_second": result.steps_per_second})
     return result
