@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,3 +72,62 @@ def test_lora_trains_data_parallel_with_one_writer(kit, shape_images, tmp_path):
     pipe.load_lora_weights(str(out))
     after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert np.abs(after - before).max() > 1e-4
+
+
+@needs_torchrun
+def test_classifier_trains_data_parallel_and_resumes_after_a_kill(tmp_path):
+    import contextlib
+    import json
+    import signal
+    import time
+
+    from test_classifier import write
+
+    real = write(tmp_path / "real", "train", [6, 5, 4, 3, 2, 2], 1)
+    write(real, "test", [3] * 6, 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def argv(out):
+        return [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "genaug.cli",
+                "train-classifier", "--real-data", str(real), "--output", str(out), "--epochs", "12",
+                "--min-steps", "48", "--batch-size", "8", "--checkpoint-every", "1", "--device", "cpu",
+                "--no-progress"]
+
+    whole = subprocess.run(argv(tmp_path / "whole"), capture_output=True, text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert "another genaug process" not in whole.stderr  # only the main process holds the folder
+    final = json.loads((tmp_path / "whole" / "final.json").read_text())
+    assert final["steps"] == 48 and not (tmp_path / "whole" / "rank-rng").exists()
+
+    # Kill every process (-9) once a mid-run checkpoint exists, then relaunch: it resumes there.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(argv(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint.safetensors").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in [*_children(proc.pid), proc.pid]:  # torchrun's workers live in sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert not [pid for pid in _children(proc.pid)], "a worker survived the kill"
+    assert not (killed / "final.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(argv(killed), capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and 0 < metrics["resumed_from_epoch"] < 12
+    assert (killed / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert (killed / "summary.csv").read_text() == (tmp_path / "whole" / "summary.csv").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            found.append(int(status.parent.name))
+    return found

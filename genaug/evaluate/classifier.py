@@ -20,9 +20,12 @@ too large for that is refused with a clear error rather than swapped to death.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
+import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -401,7 +404,20 @@ def _save_checkpoint(folder: Path, epoch: int, model, optimizer, generator: torc
     atomic_write_bytes(folder / "checkpoint.safetensors", save(state, metadata={"epoch": str(epoch)}))
 
 
-def _load_checkpoint(folder: Path, model, optimizer, generator: torch.Generator) -> int:
+def _rank_rng_path(folder: Path, rank: int, epoch: int) -> Path:
+    return folder / "rank-rng" / f"rank{rank}-epoch{epoch:05d}.safetensors"
+
+
+def _save_rank_rng(folder: Path, rank: int, epoch: int, generator: torch.Generator) -> None:
+    """The sampling stream of a process other than the main one (the main one's is in the checkpoint)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(_rank_rng_path(folder, rank, epoch), save({"rng": generator.get_state()}))
+    for old in sorted((folder / "rank-rng").glob(f"rank{rank}-epoch*.safetensors"))[:-2]:
+        old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(folder: Path, model, optimizer, generator: torch.Generator, rank: int = 0) -> int:
     from safetensors import safe_open
 
     path = folder / "checkpoint.safetensors"
@@ -418,16 +434,59 @@ def _load_checkpoint(folder: Path, model, optimizer, generator: torch.Generator)
             _, pid, name = key.split("/", 2)
             state["state"].setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict(state)
-    generator.set_state(tensors["rng"])
+    if rank == 0:
+        generator.set_state(tensors["rng"])
+    else:
+        from ..artefacts import read_safetensors
+
+        path = _rank_rng_path(folder, rank, epoch)
+        if not path.is_file():
+            raise DataError(f"the checkpoint of epoch {epoch} lacks process {rank}'s sampling state", where=str(path),
+                            fix="resume with the same number of processes, or delete checkpoint.safetensors")
+        generator.set_state(read_safetensors(path)[0]["rng"])
     return epoch
 
 
+@dataclass
+class _Ranks:
+    """This process's place in a launch (``accelerate launch`` / torchrun); alone: rank 0 of 1, no accelerator."""
+
+    accelerator: Any = None
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+def _launch_ranks(cfg: ClassifierConfig) -> _Ranks:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Ranks()
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    if cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not split over {accelerator.num_processes} processes",
+                          fix="use a batch size divisible by the number of processes (it is the global batch)")
+    return _Ranks(accelerator, accelerator.process_index, accelerator.num_processes)
+
+
 def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
-    """Train, checkpoint every few epochs (a rerun resumes), score the test split, write the run folder."""
+    """Train, checkpoint every few epochs (a rerun resumes), score the test split, write the run folder.
+
+    Under ``accelerate launch`` (several GPUs) every process trains on its share of each global batch
+    (DDP); only the main process writes.
+    """
     from ..models.loading import resolve_device
 
     started = time.time()
-    device = resolve_device(cfg.device)
+    ranks = _launch_ranks(cfg)
+    device = ranks.accelerator.device if ranks.accelerator is not None else resolve_device(cfg.device)
     probe = read_dataset(cfg.real_data, cfg.split)
     size = cfg.image_size or probe.image(0).size[0]
     real, class_names = load_images(cfg.real_data, cfg.split, size, None, cfg.max_memory_gb, "real data")
@@ -441,19 +500,22 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     test, _ = load_images(test_root, test_split, size, class_names, cfg.max_memory_gb, "test data")
     out = Path(cfg.output)
     # Two runs training into one folder would mix checkpoints and summaries: hold it before writing.
-    with folder_lock(out, "training a classifier in"):
-        return _train_locked(cfg, out, started, device, size, real, extra, test, class_names)
+    lock = folder_lock(out, "training a classifier in") if ranks.main else contextlib.nullcontext()
+    with lock:
+        return _train_locked(cfg, out, started, device, size, real, extra, test, class_names, ranks)
 
 
 def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size: int, real: Images,
-                  extra: Images | None, test: Images, class_names: list[str]) -> ClassifierResult:
+                  extra: Images | None, test: Images, class_names: list[str], ranks: _Ranks) -> ClassifierResult:
     """``train_classifier`` from the first write on, with the output folder locked."""
     from ..pretrain.data import CLIP_MEAN, CLIP_STD
 
-    discard_partial_writes(out)  # a killed run's temporaries
+    if ranks.main:
+        discard_partial_writes(out)  # a killed run's temporaries
     num_classes = len(class_names)
-    record = RunRecord.start(out, "train-classifier", cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    record = RunRecord.start(out, "train-classifier", cfg) if ranks.main else None
+    # Each process samples its own stream; the main one's is the single-process stream.
+    generator = torch.Generator().manual_seed(cfg.seed if ranks.main else cfg.seed * 1_000_003 + ranks.rank)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = create_classifier(cfg.arch, num_classes, size).to(device)
@@ -475,11 +537,15 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    start_epoch = _load_checkpoint(out, model, optimizer, generator) if cfg.checkpoint_every else 0
+    start_epoch = _load_checkpoint(out, model, optimizer, generator, ranks.rank) if cfg.checkpoint_every else 0
+    core = model  # the plain module: evaluated and saved by one process, outside DDP's collectives
+    if ranks.accelerator is not None:
+        model, optimizer = ranks.accelerator.prepare(model, optimizer)
+    batch_size = cfg.batch_size // ranks.world
     summary_path = out / "summary.csv"
     rows = _read_summary(summary_path)[:start_epoch]
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train-classifier",
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not cfg.progress or not ranks.main, dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         running = 0.0
@@ -489,7 +555,7 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
                                       0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            pixels, labels, weights = sampler.draw(cfg.batch_size, generator)
+            pixels, labels, weights = sampler.draw(batch_size, generator)
             x = ((augment_batch(pixels, cfg, generator) - mean) / std).to(device)
             logits = adjusted_logits(model(x), log_prior, tau)
             losses = F.cross_entropy(logits, labels.to(device), label_smoothing=cfg.label_smoothing,
@@ -498,37 +564,50 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
             loss = (losses * weights).sum() / weights.sum().clamp(min=1e-8)
             require_finite(loss, step, cfg.output)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if ranks.accelerator is not None:
+                ranks.accelerator.backward(loss)
+            else:
+                loss.backward()
             optimizer.step()
             running += float(loss.detach())
             bar.update(1)
-        test_scores = score(predict(model, test.pixels, device, mean, std), test.labels, class_names,
+        if not ranks.main:
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
+                _save_rank_rng(out, ranks.rank, epoch + 1, generator)
+            ranks.barrier()  # the main process checkpoints after every process's stream is on disk
+            continue
+        test_scores = score(predict(core, test.pixels, device, mean, std), test.labels, class_names,
                             real_counts, cfg.many_threshold, cfg.few_threshold)
         rows.append({"epoch": epoch + 1, "train_loss": round(running / steps_per_epoch, 5),
                      "test_accuracy": test_scores["accuracy"], "balanced_accuracy": test_scores["balanced_accuracy"],
                      "lr": round(lr, 8)})
         bar.set_postfix(loss=f"{rows[-1]['train_loss']:.3f}", test=f"{test_scores['accuracy']:.3f}", refresh=False)
         _write_summary(summary_path, rows)
+        ranks.barrier()
         if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
-            _save_checkpoint(out, epoch + 1, model, optimizer, generator)
+            _save_checkpoint(out, epoch + 1, core, optimizer, generator)
     bar.close()
-    final = score(predict(model, test.pixels, device, mean, std), test.labels, class_names, real_counts,
+    final = score(predict(core, test.pixels, device, mean, std), test.labels, class_names, real_counts,
                   cfg.many_threshold, cfg.few_threshold)
-    from safetensors.torch import save
-
-    atomic_write_bytes(out / "model.safetensors",
-                       save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     train_images = {"real": int(len(real.labels)), "extra": int(len(extra.labels)) if extra is not None else 0}
     result = ClassifierResult(out, final["accuracy"], final["balanced_accuracy"], final["buckets"],
                               final["per_class"], train_images, round(time.time() - started, 2), total, rows)
+    ranks.barrier()
+    if not ranks.main:
+        return result
+    from safetensors.torch import save
+
+    atomic_write_bytes(out / "model.safetensors",
+                       save({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}))
     atomic_write_json(out / "final.json", {
         **final, "train_images": train_images, "class_names": class_names, "image_size": size,
         "arch": cfg.arch,
         "train_counts": real_counts.tolist(), "steps": total, "seconds": result.seconds,
         "config": config_to_dict(cfg)})
     (out / "checkpoint.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(out / "rank-rng", ignore_errors=True)
     record.finish({"accuracy": final["accuracy"], "balanced_accuracy": final["balanced_accuracy"],
-                   "buckets": final["buckets"]})
+                   "buckets": final["buckets"], "resumed_from_epoch": start_epoch, "processes": ranks.world})
     return result
 
 
