@@ -206,6 +206,18 @@ def compare_lora(ref: Path, out: Path) -> None:
     assert debris(out) == []
 
 
+def compare_ti(ref: Path, out: Path) -> None:
+    want, _ = read_safetensors(ref / "learned_embeds.safetensors")
+    got, _ = read_safetensors(out / "learned_embeds.safetensors")
+    assert list(want) == list(got) == ["<toy>"] and want["<toy>"].shape[0] == 2
+    torch.testing.assert_close(got["<toy>"], want["<toy>"], atol=1e-6, rtol=0)
+    configs = [json.loads((folder / "adapter_config.json").read_text()) for folder in (ref, out)]
+    for config in configs:
+        config["config"].pop("output")
+    assert configs[0] == configs[1]
+    assert debris(out) == []
+
+
 def compare_classifier(ref: Path, out: Path) -> None:
     assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
     weights, _ = read_safetensors(out / "model.safetensors")
@@ -236,6 +248,11 @@ def stages(kit, pool, concept, labelled, reference) -> dict[str, Stage]:
         return flags(["train-lora"], model=kit("sd15"), instance_data=concept, output=out, max_train_steps=6,
                      train_batch_size=2, learning_rate=1e-2, checkpointing_steps=2, device="cpu", seed=0)
 
+    def ti_argv(out):
+        return flags(["train-ti"], model=kit("sd15"), instance_data=concept, output=out, max_train_steps=6,
+                     train_batch_size=2, learning_rate=5e-2, num_vectors=2, placeholder_token="<toy>",
+                     initializer_token="object", checkpointing_steps=2, device="cpu", seed=0)
+
     def classifier_argv(out):
         return flags(["train-classifier"], real_data=labelled, output=out, epochs=3, min_steps=6, batch_size=16,
                      checkpoint_every=1, device="cpu", seed=0) + ["--no-progress"]
@@ -248,10 +265,12 @@ def stages(kit, pool, concept, labelled, reference) -> dict[str, Stage]:
         "train-lora": Stage("train-lora", lora_argv, compare_lora, ".", "training an adapter in", partial_training),
         "train-classifier": Stage("train-classifier", classifier_argv, compare_classifier, ".",
                                   "training a classifier in", partial_training),
+        "train-ti": Stage("train-ti", ti_argv, compare_ti, ".", "training an adapter in", partial_training),
     }
 
 
-STAGE_SEEDS = [("synth", 11), ("index", 41), ("retrieve", 51), ("train-lora", 61), ("train-classifier", 71)]
+STAGE_SEEDS = [("synth", 11), ("index", 41), ("retrieve", 51), ("train-lora", 61), ("train-classifier", 71),
+               ("train-ti", 81)]
 
 
 # --------------------------------------------------------------------------- kill -9
@@ -334,7 +353,7 @@ def test_two_concurrent_shards_merge_to_the_single_run(kit, stages, runner, refe
 
 
 # --------------------------------------------------------------------------- two writers
-@pytest.mark.parametrize("name", ["synth", "index", "retrieve", "train-lora", "train-classifier"])
+@pytest.mark.parametrize("name", ["synth", "index", "retrieve", "train-lora", "train-classifier", "train-ti"])
 def test_a_second_writer_is_refused_with_one_line_and_touches_nothing(stages, reference, tmp_path, capsys, name):
     """Another process holds the output folder (here: this test holds its lock)."""
     stage = stages[name]

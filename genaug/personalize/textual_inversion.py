@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artefacts import ADAPTER_CONFIG, write_adapter
+from ..artefacts import ADAPTER_CONFIG, discard_partial_writes, folder_lock, write_adapter
 from ..checkpoints import list_checkpoints, load_training_state, require_finite, save_training_state, step_generator
 from ..config import config_to_dict, option
 from ..errors import ConfigError
@@ -179,8 +179,6 @@ def read_class_adapters(folder: str | Path) -> tuple[list[str], dict[str, str]]:
 
 
 def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResult | ClassAdaptersResult:
-    from diffusers import DDPMScheduler
-
     if cfg.per_class:
         return train_per_class(cfg)
 
@@ -191,11 +189,21 @@ def train_textual_inversion(cfg: TextualInversionConfig) -> TextualInversionResu
     pixels = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
     if cfg.random_flip:
         pixels = torch.cat([pixels, pixels.flip(-1)])
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-    token_ids = add_placeholder_tokens(tokenizer, text_encoder, cfg.placeholder_token, cfg.initializer_token,
+    token_ids = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, cfg.placeholder_token, cfg.initializer_token,
                                        cfg.num_vectors)
-    placeholder_text = " ".join(tokenizer.convert_ids_to_tokens(token_ids))
-    out.mkdir(parents=True, exist_ok=True)
+    placeholder_text = " ".join(pipe.tokenizer.convert_ids_to_tokens(token_ids))
+    # Two runs training into one folder would mix their checkpoints: hold it before writing anything.
+    with folder_lock(out, "training an adapter in"):
+        discard_partial_writes(out, out / "run", out / "checkpoints")  # a killed run's temporaries
+        return _train_ti_locked(cfg, pipe, family, device, size, out, pixels, token_ids, placeholder_text)
+
+
+def _train_ti_locked(cfg: TextualInversionConfig, pipe, family: str, device, size: int, out: Path,
+                     pixels: torch.Tensor, token_ids: list[int], placeholder_text: str) -> TextualInversionResult:
+    """``train_textual_inversion`` from the first write on, with the output folder locked."""
+    from diffusers import DDPMScheduler
+
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     record = RunRecord.start(out / "run", "train-ti", cfg)
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
