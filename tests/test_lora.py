@@ -80,3 +80,14 @@ def test_lora_on_the_unclip_layout_loads_in_stock_diffusers(kit, shape_images, t
     pipe.load_lora_weights(str(tmp_path / "lora"))
     after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert np.abs(after - before).max() > 1e-4 and result.weights.is_file()
+
+
+def test_text_encoder_lora_trains_and_loads(kit, shape_images, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result = train_lora(_cfg(kit, shape_images, tmp_path / "te", train_text_encoder=True, max_train_steps=3))
+    tensors, _ = read_safetensors(result.weights)
+    assert any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
+    pipe = StableDiffusionPipeline.from_pretrained(str(kit("sd15")), use_safetensors=True)
+    pipe.load_lora_weights(str(tmp_path / "te"))
+    assert any("lora" in n for n, _ in pipe.text_encoder.named_parameters())
