@@ -101,6 +101,15 @@ def slugify(text: str, max_len: int = 64) -> str:
     return (slug or "x")[:max_len]
 
 
+def safe_id(text: str) -> str:
+    """``text`` if it is already a safe item id, else a readable slug plus a short hash (still unique)."""
+    if _SAFE_ID.match(text):
+        return text
+    import hashlib
+
+    return f"{slugify(text, 48)}-{hashlib.sha1(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
 # --------------------------------------------------------------------------- images
 def open_image(path: str | Path) -> Image.Image:
     """Open an image safely as RGB: size-capped, EXIF-rotated, any mode converted; one-line errors."""
@@ -441,7 +450,8 @@ def read_dataset(root: str | Path, split: str | None = "train") -> GenaugDataset
     flat = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                   and not p.is_symlink())
     if flat and not class_dirs:
-        rows = [{"file_name": p.name, "id": f"0-{p.stem}", "label": 0, "class_name": folder.name} for p in flat]
+        rows = [{"file_name": p.name, "id": safe_id(f"0-{p.stem}"), "label": 0, "class_name": folder.name}
+                for p in flat]
         return GenaugDataset(root, folder, None, [folder.name], rows, {})
     rows = []
     for label, cdir in enumerate(class_dirs):
@@ -451,7 +461,7 @@ def read_dataset(root: str | Path, split: str | None = "train") -> GenaugDataset
             # A class with no images would train (and score) as if it did not exist.
             raise DataError(f"class folder {cdir.name!r} has no images", where=str(folder),
                             fix="add images to it or remove the folder")
-        rows.extend({"file_name": f"{cdir.name}/{img.name}", "id": f"{label}-{img.stem}", "label": label,
+        rows.extend({"file_name": f"{cdir.name}/{img.name}", "id": safe_id(f"{label}-{img.stem}"), "label": label,
                      "class_name": cdir.name} for img in found)
     if not rows:
         raise DataError(f"no {METADATA} and no class folders with images", where=str(folder),

@@ -523,3 +523,22 @@ def test_unreadable_pool_images_are_skipped_or_refused(skip, kit, tmp_path, caps
     assert code == 0, err
     got = read_dataset(out)
     assert len(got) == 12 and not {r["pool_row"] for r in got.records} & set(info["unreadable_rows"])
+
+
+def test_file_names_with_spaces_and_unicode_flow_through_synthesis_and_filtering(kit, tmp_path, capsys):
+    real = tmp_path / "real"
+    for c, names in (("a", ["IMG 0001 (copy).png", "été.png"]), ("b", ["x.png", "d'oh!.png"])):
+        (real / c).mkdir(parents=True)
+        for n in names:
+            picture().save(real / c / n)
+    ids = [r["id"] for r in read_dataset(real).records]
+    assert len(set(ids)) == 4 and "1-x" in ids  # safe names keep their id
+    out = tmp_path / "syn"
+    code, err = run(["synth", "--model", str(kit("sd15")), "--method", "img2img", "--real-data", str(real),
+                     "--per-real", "1", "--num-inference-steps", "2", "--device", "cpu", "--output", str(out)], capsys)
+    assert code == 0, err
+    assert sorted(r["source"] for r in read_dataset(out).records) == sorted(ids)
+    code, err = run(["filter", "--input", str(real), "--output", str(tmp_path / "kept"), "--clip-model",
+                     str(kit("clip")), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert len(read_dataset(tmp_path / "kept")) == 4
