@@ -260,6 +260,9 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
             outcomes.append(StageOutcome(name, command, True, 0.0, cached.get("result", {})))
             print(f"[{name}] {command}: cached")
             continue
+        if skip:  # not asked for and never run: leave it (a stage that needs it reports what is missing)
+            print(f"[{name}] {command}: skipped (not in --only)")
+            continue
         print(f"[{name}] {command}: running")
         s0 = time.time()
         result = _load(COMMANDS[command].run)(config)

@@ -146,3 +146,14 @@ def test_variables_and_edited_user_data_rerun_the_stages_that_read_it(tmp_path, 
     assert edited.stages[1].result["generated"] == 1  # only the new image's synthetic twin
     with pytest.raises(ValueError, match="NAME=VALUE"):
         RecipeConfig(recipe=str(recipe), set=["oops"])
+
+
+def test_only_runs_just_the_named_stages(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    first = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), only=["model"]))
+    assert [(s.name, s.cached) for s in first.stages] == [("model", False)]
+    assert (out / "model").is_dir() and not (out / "data").exists()  # synth was neither cached nor asked for
+    second = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), only=["synth"]))
+    assert [(s.name, s.cached) for s in second.stages] == [("model", True), ("synth", False)]
