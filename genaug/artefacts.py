@@ -111,14 +111,19 @@ def safe_id(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- images
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image safely as RGB: size-capped, EXIF-rotated, any mode converted; one-line errors."""
+def open_image(path: str | Path, *, header_only: bool = False) -> Image.Image | None:
+    """Open an image safely as RGB: size-capped, EXIF-rotated, any mode converted; one-line errors.
+
+    ``header_only`` checks the format and size without decoding the pixels (and returns None).
+    """
     path = Path(path)
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"image is {im.width}x{im.height}, above the {MAX_IMAGE_PIXELS} pixel limit",
                                 where=str(path), fix="resize it or remove it")
+            if header_only:
+                return None
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)

@@ -6,12 +6,14 @@ from genaug.artefacts import load_hf_dataset
 from genaug.errors import ConfigError
 from genaug.recipes import RecipeConfig, run_recipe
 
-RECIPE = """
-name: tiny
-stages:
+MODEL_STAGE = """
   - name: model
     command: kit
-    config: {arch: sd15, output: "${output}/model"}
+    config: {arch: sd15, output: "${output}/model"}"""
+
+RECIPE = """
+name: tiny
+stages:""" + MODEL_STAGE + """
   - name: synth
     command: synth
     config:
@@ -109,10 +111,7 @@ stages:
 VARIABLE_RECIPE = """
 name: on-user-data
 variables: {data: null, per_real: 1}
-stages:
-  - name: model
-    command: kit
-    config: {arch: sd15, output: "${output}/model"}
+stages:""" + MODEL_STAGE + """
   - name: synth
     command: synth
     config:

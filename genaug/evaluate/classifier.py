@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..artefacts import (atomic_write_bytes, atomic_write_json, discard_partial_writes, folder_lock, list_splits,
-                         read_dataset)
+                         open_image, read_dataset)
 from ..checkpoints import require_finite
 from ..config import config_to_dict, option
 from ..errors import ConfigError, DataError
@@ -194,7 +194,7 @@ def load_images(root: str, split: str | None, size: int, class_names: list[str] 
         # Too big to hold decoded: stream from disk. Check every file opens first, so a bad one is
         # refused before anything is written rather than in the middle of training.
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: _check_header(ds, i), range(len(ds))))
+            list(pool.map(lambda i: open_image(ds.image_path(i), header_only=True), range(len(ds))))
         print(f"{what}: {len(ds) * 3 * size * size / 2 ** 30:.1f} GB decoded is above --max-memory-gb "
               f"{max_memory_gb:g}: streaming it from disk", flush=True)
         pixels = StreamedPixels([(ds, i) for i in range(len(ds))], size)
@@ -210,24 +210,6 @@ def load_images(root: str, split: str | None, size: int, class_names: list[str] 
     weights = torch.tensor([float(r.get("sample_weight", 1.0) or 0.0) for r in ds.records])
     return Images(pixels, labels, weights, [str(r.get("id", r["file_name"])) for r in ds.records],
                   [r.get("source") for r in ds.records]), names
-
-
-def _check_header(ds, i: int) -> None:
-    """Open an image's header (format, size, pixel limit) without decoding it."""
-    from PIL import Image
-
-    from ..artefacts import MAX_IMAGE_PIXELS
-
-    path = ds.image_path(i)
-    try:
-        with Image.open(path) as im:
-            pixels = im.width * im.height
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image ({type(exc).__name__}: {exc})", where=str(path),
-                        fix="replace or remove the file") from None
-    if pixels > MAX_IMAGE_PIXELS:
-        raise DataError(f"image is above the {MAX_IMAGE_PIXELS} pixel limit", where=str(path),
-                        fix="resize it or remove it")
 
 
 def _concat(parts: list[Images]) -> Images:
