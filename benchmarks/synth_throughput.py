@@ -8,13 +8,21 @@ classifier-free guidance — every image saved as PNG.
   (b) the stock pipeline called on batches of ``--batch-size`` images (lists of images, prompts
       and per-image generators);
   (c) ``genaug synth --method augcond --augcond-mode none`` at the same batch size (the whole
-      engine: planning, batched sampling, atomic PNG + metadata writes).
+      engine: planning, batched sampling, atomic PNG + metadata writes);
+  (d) the same with ``--compile`` (the UNet through torch.compile), timed with the compile included,
+      from a cold inductor cache (a fresh cache folder) and again in a new process with that cache warm,
+      as the second synthesis stage of a recipe finds it;
+  (e) with ``--stock-compiled``: the stock batched pipeline with the same compiled UNet, to show how
+      much of (d)'s gain is torch.compile itself.
+
+The per-image loop is slow and steady, so it runs on the first ``--loop-images`` images only; ratios
+are of images/s.
 
 Each variant runs in its own process (so its peak RSS is its own); all use the same torch thread
 count. Printed: images/s, the ratios (c)/(a) and (c)/(b), peak RSS, and the largest pixel
 difference between (b) and (c) (they draw the same noise, so they should agree to rounding).
 
-    python benchmarks/synth_throughput.py --images 64 --batch-size 32 --steps 25
+    python benchmarks/synth_throughput.py --images 240 --batch-size 24 --steps 25
 """
 
 from __future__ import annotations
@@ -49,19 +57,26 @@ def _inputs(real_data: str, n: int):
     return ds, rows
 
 
-def _stock(args, batch_size: int, out_dir: str, queue) -> None:
+def _stock(args, batch_size: int, out_dir: str, n_images: int, inductor_cache: str | None, queue) -> None:
+    import os
+
+    if inductor_cache:  # a compiled UNet, with inductor's cache here (set before torch is imported)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
     import torch
 
-    from genaug.models.loading import default_resolution, load_pipeline
+    from genaug.models.loading import compile_unet, default_resolution, load_pipeline
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device="cpu")
+    if inductor_cache:
+        compile_unet(pipe)
     size = default_resolution(pipe)
-    ds, rows = _inputs(args.real_data, args.images)
-    images = {i: ds.image(i).resize((size, size)) for i, *_ in rows}
+    ds, rows = _inputs(args.real_data, n_images)
     t0 = time.perf_counter()
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
+        # Read inside the clock, as the engine does (and as a DA-Fusion loop reads each real image).
+        images = {i: ds.image(i).resize((size, size)) for i, *_ in batch}
         out = pipe(image=[images[i] for i, *_ in batch], prompt=[f"a photo of a {n}" for _, n, *_ in batch],
                    num_inference_steps=args.steps, guidance_scale=args.guidance, noise_level=0,
                    generator=[torch.Generator().manual_seed(s) for _, _, s, _ in batch]).images
@@ -71,7 +86,11 @@ def _stock(args, batch_size: int, out_dir: str, queue) -> None:
     queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _engine(args, out_dir: str, queue) -> None:
+def _engine(args, out_dir: str, inductor_cache: str | None, queue) -> None:
+    import os
+
+    if inductor_cache:  # before torch is imported, so inductor reads it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
     import torch
 
     from genaug.generate.synth import SynthConfig, synthesize
@@ -88,7 +107,7 @@ def _engine(args, out_dir: str, queue) -> None:
     cfg = SynthConfig(model=args.model, output=str(Path(out_dir) / "synth"), method="augcond", augcond_mode="none",
                       real_data=str(subset), per_real=1, prompt_templates=["a photo of a {}"],
                       guidance_scale=args.guidance, num_inference_steps=args.steps, batch_size=args.batch_size,
-                      device="cpu", seed=0)
+                      device="cpu", seed=0, compile=bool(inductor_cache))
     # The engine's own clock covers sampling and writing (not model loading), like the stock runs'.
     seconds = synthesize(cfg).seconds
     queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -98,37 +117,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--real-data", default="worlds/default/bench")
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images", type=int, default=240)
+    parser.add_argument("--loop-images", type=int, default=48, help="images for the slow per-image loop")
+    parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled engine runs (d)")
+    parser.add_argument("--stock-compiled", action="store_true", help="also run (e): stock batched, compiled UNet")
     args = parser.parse_args()
+    n = args.images
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {k: Path(tmp) / k for k in ("loop", "batch", "engine")}
+        names = ["loop", "batch", "engine", "compiled-cold", "compiled-warm", "stock-compiled", "inductor-cache"]
+        dirs = {k: Path(tmp) / k for k in names}
         for d in dirs.values():
             d.mkdir()
-        loop = run_isolated(_stock, args, 1, str(dirs["loop"]))
-        batch = run_isolated(_stock, args, args.batch_size, str(dirs["batch"]))
-        engine = run_isolated(_engine, args, str(dirs["engine"]))
+        cache = str(dirs["inductor-cache"])
+        runs = {"stock_loop": run_isolated(_stock, args, 1, str(dirs["loop"]), min(args.loop_images, n), None),
+                "stock_batched": run_isolated(_stock, args, args.batch_size, str(dirs["batch"]), n, None),
+                "engine": run_isolated(_engine, args, str(dirs["engine"]), None)}
+        if not args.no_compile:
+            runs["engine_compiled_cold_cache"] = run_isolated(_engine, args, str(dirs["compiled-cold"]), cache)
+            runs["engine_compiled_warm_cache"] = run_isolated(_engine, args, str(dirs["compiled-warm"]), cache)
+        if args.stock_compiled:
+            runs["stock_batched_compiled"] = run_isolated(
+                _stock, args, args.batch_size, str(dirs["stock-compiled"]), n, cache)
         from genaug.artefacts import read_dataset
 
-        ds = read_dataset(dirs["engine"] / "synth")
-        diffs = [np.abs(np.asarray(ds.image(i), dtype=int)
-                        - np.asarray(Image.open(dirs["batch"] / f"{r['id']}.png"), dtype=int)).max()
-                 for i, r in enumerate(ds.records)]
-    n = args.images
+        def largest_difference(folder: Path) -> int:
+            ds = read_dataset(folder / "synth")
+            return int(max(np.abs(np.asarray(ds.image(i), dtype=int)
+                                  - np.asarray(Image.open(dirs["batch"] / f"{r['id']}.png"), dtype=int)).max()
+                           for i, r in enumerate(ds.records)))
+
+        diffs = {"engine": largest_difference(dirs["engine"])}
+        if not args.no_compile:
+            diffs["engine_compiled"] = largest_difference(dirs["compiled-cold"])
+    counts = {name: min(args.loop_images, n) if name == "stock_loop" else n for name in runs}
+    rate = {name: counts[name] / r["seconds"] for name, r in runs.items()}
     report = {
-        "images": n, "batch_size": args.batch_size, "steps": args.steps, "threads": args.threads,
-        "stock_loop_images_per_s": round(n / loop["seconds"], 3),
-        "stock_batched_images_per_s": round(n / batch["seconds"], 3),
-        "engine_images_per_s": round(n / engine["seconds"], 3),
-        "engine_vs_stock_loop": round(loop["seconds"] / engine["seconds"], 2),
-        "engine_vs_stock_batched": round(batch["seconds"] / engine["seconds"], 2),
-        "peak_rss_mb": {"stock_loop": round(loop["peak_rss_mb"]), "stock_batched": round(batch["peak_rss_mb"]),
-                        "engine": round(engine["peak_rss_mb"])},
-        "max_pixel_difference_engine_vs_stock_batched": int(max(diffs)),
-        "timed": "sampling + PNG writing; model loading excluded in all three",
+        "images": n, "loop_images": counts["stock_loop"], "batch_size": args.batch_size, "steps": args.steps,
+        "threads": args.threads,
+        "images_per_s": {name: round(v, 3) for name, v in rate.items()},
+        "engine_vs_stock_loop": round(rate["engine"] / rate["stock_loop"], 2),
+        "engine_vs_stock_batched": round(rate["engine"] / rate["stock_batched"], 2),
+        **{f"{name}_vs_stock_batched": round(rate[name] / rate["stock_batched"], 2)
+           for name in rate if name.startswith(("engine_compiled", "stock_batched_compiled"))},
+        "peak_rss_mb": {name: round(r["peak_rss_mb"]) for name, r in runs.items()},
+        "max_pixel_difference_vs_stock_batched": diffs,
+        "timed": "sampling + PNG writing (and the compile, where there is one); model loading excluded",
     }
     print(json.dumps(report, indent=2))
 

@@ -104,6 +104,8 @@ def parse_command_args(name: str, argv: Sequence[str] | None = None, prog: str |
 
 
 def summarize(result: Any) -> str:
+    if callable(getattr(result, "summary", None)):
+        return result.summary()
     if dataclasses.is_dataclass(result):
         data = dataclasses.asdict(result)
     else:

@@ -216,6 +216,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             # --flag / --no-flag, so a file's `true` can still be switched off from the CLI
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        elif get_origin(inner) in (list, tuple):
+            # Repeating a list flag adds to it (--extra-data a --extra-data b), as commas do (a,b).
+            group.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
+                               action="append", help=help_text.replace("%", "%%") + " (repeat or comma-separate)")
         else:
             group.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
                                help=help_text.replace("%", "%%"))
@@ -230,7 +234,9 @@ def config_from_args(cls: type[C], args: argparse.Namespace, base: dict[str, Any
         data.update(read_config_file(config_path))
         source = f"{config_path} + command line"
     names = set(_field_types(cls))
-    given = vars(args)
+    # An appended list flag arrives as one string per use; each may itself be comma-separated.
+    given = {k: ",".join(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
+             for k, v in vars(args).items()}
     data.update({k: v for k, v in given.items() if k in names})
     data.update({k[: -len("_positional")]: v for k, v in given.items() if k.endswith("_positional")
                  and k[: -len("_positional")] in names})

@@ -79,6 +79,16 @@ class RecipeResult:
     stages: list[StageOutcome]
     seconds: float
 
+    def summary(self) -> str:
+        """One line per stage for the terminal (each stage's full result is in its own run folder)."""
+        lines = [f"  recipe: {self.recipe}", f"  output: {self.output}",
+                 f"  stages: {len(self.stages)} in {self.seconds:.0f} s"]
+        for s in self.stages:
+            state = "cached" if s.cached else f"{s.seconds:.1f} s"
+            lines.append(f"    {s.name} ({s.command}): {state}" + (f" -> {s.result['output']}"
+                                                                    if s.result.get("output") else ""))
+        return "\n".join(lines)
+
 
 def find_recipe(recipe: str) -> Path:
     path = Path(recipe)

@@ -335,6 +335,16 @@ def test_negative_image_budget_is_refused(kit, tmp_path, capsys):
     assert code == 2
 
 
+def test_compile_without_a_compiler_is_refused_before_writing(kit, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compilers-here"))
+    monkeypatch.delenv("CXX", raising=False)
+    code, err = run(["synth", "--model", str(kit("sd15")), "--class-names", "a", "--images-per-class", "2",
+                     "--num-inference-steps", "1", "--device", "cpu", "--compile", "--output", str(tmp_path / "out")],
+                    capsys)
+    assert_refused(code, err, "C++ compiler", "--compile")
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- adapters
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, kit) -> dict[str, Path]:

@@ -35,6 +35,16 @@ def test_file_and_override_round_trip(tmp_path):
     assert again == cfg
 
 
+def test_repeated_list_flags_add_up(tmp_path):
+    cfg_file = tmp_path / "synth.yaml"
+    cfg_file.write_text("model: m\nclass_names: [from-file]\nimages_per_class: 1\n")
+    args = parse_command_args("synth", ["--config", str(cfg_file), "--class-names", "a", "--class-names", "b,c",
+                                        "--seed", "1", "--seed", "2"])
+    cfg = config_from_args(SynthConfig, args)
+    # Flags replace the file's list; repeats and commas both add; a repeated scalar keeps the last.
+    assert cfg.class_names == ["a", "b", "c"] and cfg.seed == 2
+
+
 def test_toml_file(tmp_path):
     f = tmp_path / "toy.toml"
     f.write_text('steps = 3\ntags = ["x", "y"]\nflag = true\n')

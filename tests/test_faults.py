@@ -289,31 +289,35 @@ def test_killed_at_a_random_moment_the_rerun_completes_like_an_uninterrupted_run
 
 def test_synth_killed_mid_batch_resumes_within_two_levels(kit, runner, reference, tmp_path):
     """Batches of one (above) give bit-identical images; batched kernels round differently once a
-    resume regroups the batches, so a batched run comes back within 2 levels (metadata identical)."""
-    ref, events = reference("synth-b2", lambda out: synth_argv(kit, out, batch_size=2))
+    resume regroups the batches, so a batched run comes back within 2 levels (metadata identical).
+    Written without writer threads, so that the kill falls inside the second batch's writes."""
+    argv = lambda out: synth_argv(kit, out, batch_size=2, writer_threads=0)  # noqa: E731
+    ref, events = reference("synth-b2", argv)
     out = tmp_path / "syn"
     fault = pick(events, fault_seed(12), when="after", kinds=("replace",), match="/train/images/0000-red-circle-000003")
-    runner.run_killed(synth_argv(kit, out, batch_size=2), out, fault, events)
+    runner.run_killed(argv(out), out, fault, events)
     assert len(check_dataset(out, complete=False)) == 3  # died inside the second batch: the rerun regroups
-    assert main(synth_argv(kit, out, batch_size=2)) == 0
+    assert main(argv(out)) == 0
     compare_datasets(8, max_level_diff=2)(ref, out)
 
 
 def test_synth_killed_between_an_image_and_its_metadata_line_while_a_second_writer_is_refused(
         stages, runner, reference, tmp_path, capsys):
     """The dangerous window: an image renamed into place, its metadata line not written yet. Then
-    a second `genaug synth` into the folder is refused and touches nothing; then the kill."""
+    a second `genaug synth` into the folder is refused and touches nothing; then the kill. Without
+    writer threads, so that the pause freezes the whole writer (with them the window is the same)."""
     stage = stages["synth"]
-    ref, events = reference("synth", stage.argv)
+    argv = lambda out: [*stage.argv(out), "--writer-threads", "0"]  # noqa: E731
+    ref, events = reference("synth-t0", argv)
     out = tmp_path / "syn"
     fault = pick(events, fault_seed(21), action="pause", when="after", kinds=("replace",), match="/train/images/",
                  ready=str(tmp_path / "paused"))
-    first = runner.start(stage.argv(out), out, fault)
+    first = runner.start(argv(out), out, fault)
     image = Path(first.wait_ready()["path"])
     assert image.is_file() and image.suffix == ".png"
     before = snapshot(out)
     capsys.readouterr()
-    assert main(stage.argv(out)) == 1
+    assert main(argv(out)) == 1
     line = one_error_line(capsys.readouterr().err, "synth")
     assert "another genaug process is writing this folder" in line, line
     assert snapshot(out) == before, "the refused writer touched the folder"
@@ -321,7 +325,7 @@ def test_synth_killed_between_an_image_and_its_metadata_line_while_a_second_writ
     assert first.kill() == KILLED
     rows = check_dataset(out, complete=False)
     assert image.stem not in {r["id"] for r in rows}  # it died inside the window
-    assert main(stage.argv(out)) == 0
+    assert main(argv(out)) == 0
     stage.compare(ref, out)
 
 

@@ -35,6 +35,9 @@ def test_recipe_runs_then_caches_then_reruns_downstream(tmp_path):
     assert len(load_hf_dataset(out / "data")["train"]) == 4
     second = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
     assert [s.cached for s in second.stages] == [True, True]
+    # The terminal summary: a line per stage, not every stage's full result.
+    summary = second.summary().splitlines()
+    assert len(summary) == 5 and summary[-1].strip() == f"synth (synth): cached -> {out / 'data'}"
     # Changing a stage reruns it and everything after it, not what came before.
     recipe.write_text(RECIPE.replace("images_per_class: 2", "images_per_class: 3"))
     third = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))

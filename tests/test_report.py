@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 from html.parser import HTMLParser
 
 import pytest
@@ -76,6 +78,78 @@ def test_report_tables_plots_samples_and_page(runs, kit, tmp_path):
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+
+
+def _browser() -> str:
+    """Debian's Chromium (or GENAUG_CHROMIUM); CI installs it and sets GENAUG_REQUIRE_BROWSER=1 so that a
+    missing browser fails there instead of skipping."""
+    path = os.environ.get("GENAUG_CHROMIUM") or next(
+        filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        path = None
+    if not path:
+        reason = "needs playwright and Chromium (pip install playwright; apt-get install chromium)"
+        if os.environ.get("GENAUG_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def render(browser: str, page_path) -> dict:
+    """Open a page in headless Chromium; what a reader would see and what went wrong on the way."""
+    from playwright.sync_api import sync_playwright
+
+    # No background networking: this machine's network is closed and the page must not need one.
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run", "--disable-quic"]
+    seen = {"console": [], "errors": [], "requests": []}
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=browser, args=flags)
+        try:
+            page = chromium.new_page()
+            page.on("console", lambda m: seen["console"].append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+            page.on("requestfailed", lambda r: seen["errors"].append(f"failed: {r.url[:80]}"))
+            page.on("request", lambda r: seen["requests"].append(r.url))
+            page.goto(page_path.resolve().as_uri(), wait_until="load")
+            seen["images"] = page.eval_on_selector_all(
+                "img", "els => els.map(e => ({ok: e.complete && e.naturalWidth > 0 && e.naturalHeight > 0,"
+                       " shown: e.getBoundingClientRect().width > 0, alt: e.alt}))")
+            seen["tables"] = page.eval_on_selector_all("table", "els => els.map(e => e.rows.length)")
+            seen["title"] = page.title()
+            seen["height"] = page.evaluate("document.body.scrollHeight")
+        finally:
+            chromium.close()
+    return seen
+
+
+def test_report_page_renders_in_headless_chromium(runs, kit, tmp_path):
+    browser = _browser()
+    f = runs["folders"]
+    cfg = ReportConfig(title="Browser check", longtail=[f"real={f['real'][0]},{f['real'][1]}",
+                                                        f"+synth={f['synth'][0]}"],
+                       fewshot=[f"real={runs['fs']}"], datasets=[f"+synth={runs['synth']}"],
+                       real_test=str(runs["real"]), clip_model=str(kit("clip")), oracle=None,
+                       output=str(tmp_path / "rep"))
+    page_path = build_report(cfg).html
+    seen = render(browser, page_path)
+    assert seen["title"] == "Browser check"
+    assert not seen["errors"] and not seen["console"], seen
+    assert seen["requests"] == [page_path.resolve().as_uri()]  # self-contained: nothing else fetched
+    assert len(seen["images"]) == 4 and all(i["ok"] and i["shown"] for i in seen["images"]), seen["images"]
+    assert len(seen["tables"]) == 3 and min(seen["tables"]) >= 2 and seen["height"] > 500
+
+    # The same checks catch a broken page: an undecodable image, a script error, a fetched resource.
+    broken = tmp_path / "broken.html"
+    broken.write_text(page_path.read_text().replace(
+        "</body>", '<img alt="x" src="data:image/png;base64,AAAA"><script>undefined_call()</script>'
+                   '<link rel="stylesheet" href="https://example.invalid/a.css"></body>'))
+    bad = render(browser, broken)
+    assert not all(i["ok"] for i in bad["images"])
+    assert any("undefined_call" in e for e in bad["errors"])
+    assert len(bad["requests"]) > 1
 
 
 def test_report_needs_inputs():

@@ -274,3 +274,50 @@ def test_image_method_resumes_after_a_crash_to_the_same_images(kit, real_data, t
     assert sorted(by_id) == sorted(r["id"] for r in a.records)
     for i, r in enumerate(a.records):
         assert np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(by_id[r["id"]]), dtype=int)).max() <= 2
+
+
+def _img2img_mixed(kit, real_data, out, **kw):
+    synthesize(_cfg(kit, out, model=str(kit("unclip")), method="img2img", real_data=str(real_data),
+                    images_per_class=0, per_real=3, class_names=[], batch_size=5, num_inference_steps=4,
+                    strength_choices=[0.25, 0.5, 1.0], **kw))
+    return read_dataset(out)
+
+
+def _assert_same_images(a, b):
+    assert [r["id"] for r in a.records] == [r["id"] for r in b.records]
+    for i in range(len(a.records)):
+        diff = np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(i), dtype=int))
+        assert diff.max() <= 2, a.records[i]["id"]
+
+
+def test_padded_unet_batches_draw_the_same_images(kit, real_data, tmp_path, monkeypatch):
+    """The padding a compiled UNet gets (rows up to the next quarter of the batch) changes no image: img2img at
+    mixed strengths, whose active set changes every few steps, and a last partial batch (12 = 5 + 5 + 2)."""
+    from diffusers import UNet2DConditionModel
+
+    rows = []
+    original = UNet2DConditionModel.forward
+
+    def padded_forward(self, sample, *args, **kwargs):
+        self.genaug_padded_batch = 5
+        rows.append(sample.shape[0])
+        return original(self, sample, *args, **kwargs)
+
+    eager = _img2img_mixed(kit, real_data, tmp_path / "eager")
+    monkeypatch.setattr(UNet2DConditionModel, "forward", padded_forward)
+    padded = _img2img_mixed(kit, real_data, tmp_path / "padded")
+    _assert_same_images(eager, padded)
+    # Without padding the active sets would be 1..5 rows; padded, only quarters of 5 (2, 4, 5), times 2 for CFG.
+    assert set(rows[1:]) <= {4, 8, 10} and 4 in rows and 10 in rows, sorted(set(rows))
+
+
+@pytest.mark.slow  # about a minute: inductor compiles the UNet
+def test_compiled_unet_draws_the_same_images(kit, real_data, tmp_path):
+    """--compile: static graphs (at most one per quarter of the batch) draw what the eager UNet draws."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    eager = _img2img_mixed(kit, real_data, tmp_path / "eager")
+    compiled = _img2img_mixed(kit, real_data, tmp_path / "compiled", compile=True)
+    _assert_same_images(eager, compiled)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])

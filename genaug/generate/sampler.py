@@ -137,12 +137,37 @@ class Sampler:
             if cond.class_labels is not None:
                 negative = cond.negative_class_labels if cond.negative_class_labels is not None else torch.zeros_like(cond.class_labels)
                 labels = torch.cat([negative[active], cond.class_labels[active]])
-            pred = self.unet(model_in, t, encoder_hidden_states=text, class_labels=labels).sample
+            pred = self._unet(model_in, t, text, labels)
             uncond, conditional = pred.chunk(2)
             g = guidance[active]
             eps = uncond + g * (conditional - uncond)
             latents[active] = self.scheduler.step(eps, t, x).prev_sample
         return self.decode(latents)
+
+
+    def _unet(self, model_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+              labels: torch.Tensor | None) -> torch.Tensor:
+        """One guided UNet call on [unconditional; conditional] rows. A compiled UNet (``compile_unet``) gets
+        its rows padded to the next quarter of the batch, so a few static graphs serve every active set."""
+        rows = model_in.shape[0] // 2
+        full = getattr(self.unet, "genaug_padded_batch", None)
+        target = rows
+        if full and rows < full:
+            quarter = -(-full // 4)
+            target = min(full, -(-rows // quarter) * quarter)
+        if target == rows:
+            return self.unet(model_in, t, encoder_hidden_states=text, class_labels=labels).sample
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # repeat each half's first row; those outputs are dropped
+            uncond, cond = x.chunk(2)
+            extra = target - rows
+            return torch.cat([uncond, uncond[:1].expand(extra, *x.shape[1:]),
+                              cond, cond[:1].expand(extra, *x.shape[1:])])
+
+        out = self.unet(pad(model_in), t, encoder_hidden_states=pad(text),
+                        class_labels=pad(labels) if labels is not None else None).sample
+        uncond, cond = out.chunk(2)
+        return torch.cat([uncond[:rows], cond[:rows]])
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:

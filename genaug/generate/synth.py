@@ -24,7 +24,7 @@ from ..artefacts import (METADATA, DatasetWriter, GenaugDataset, discard_partial
 from ..budget import check_budget, images_per_class_budget
 from ..config import option
 from ..errors import ConfigError, ModelError
-from ..models.loading import default_resolution, load_pipeline, pipeline_family
+from ..models.loading import compile_unet, default_resolution, load_pipeline, pipeline_family
 from ..runs import RunRecord
 from .prompts import DEFAULT_TEMPLATES, fill
 from .sampler import Conditioning, Sampler, to_pil
@@ -76,6 +76,10 @@ class SynthConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = option("auto", "auto (fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16")
     xformers: bool = option(False, "use xformers attention (CUDA only; torch SDPA is the default)")
+    writer_threads: int = option(2, "threads that encode and write PNGs while the next batch denoises "
+                                    "(0: each batch is on disk before the next starts)")
+    compile: bool = option(False, "torch.compile the UNet: a one-off compile (about a minute on CPU) for cheaper "
+                                  "steps; pays on jobs of several hundred images (benchmarks/RESULTS.md)")
     adapters: list[str] = option(help="adapter folders to load (LoRA, textual inversion, merged), e.g. DA-Fusion's "
                                       "per-class tokens", factory=list)
     adapter_weights: list[float] = option(help="one weight per adapter (LoRA scale; default 1)", factory=list)
@@ -97,6 +101,8 @@ class SynthConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.num_inference_steps < 1 or self.batch_size < 1:
             raise ValueError("num_inference_steps and batch_size must be >= 1")
+        if self.writer_threads < 0:
+            raise ValueError("writer_threads must be >= 0")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError("resolution must be a multiple of 8, at least 8")
         for t in self.prompt_templates:
@@ -514,10 +520,15 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
         from ..personalize.evaluate import load_adapters
 
         load_adapters(pipe, cfg.adapters, cfg.adapter_weights)
+    if pipe is not None and cfg.compile:
+        compile_unet(pipe, cfg.batch_size)  # after the adapters, so the compiled graph includes them
     if pipe is not None and method.name != "text":
         _sampler_for(pipe, method.name, needs_unclip=method.name == "augcond")  # refuse before writing anything
     info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data}
-    with DatasetWriter(out, class_names, split="train", info=info) as writer:
+    # Writer threads encode and fsync a batch's PNGs while the next batch denoises (the same bytes as without);
+    # a batch's metadata lines follow once the next batch is queued, so a kill loses at most about two batches.
+    with DatasetWriter(out, class_names, split="train", info=info, threads=cfg.writer_threads,
+                       in_flight=2 * cfg.batch_size) as writer:
         # Only once the folder is ours: a refused second writer must not rewrite the run record.
         discard_partial_writes(out / "run")
         record = RunRecord.start(out / "run", "synth", cfg)
