@@ -353,7 +353,9 @@ class DatasetWriter:
             # Each step in its own try, so a failure here (a full disk) still releases the folder.
             try:
                 if self._executor is not None:
-                    self._executor.shutdown(wait=True, cancel_futures=True)
+                    # Let queued writes finish even after a failure: an interrupted run keeps every image
+                    # it had handed over (each write is atomic; a failed one stops _settle_written there).
+                    self._executor.shutdown(wait=True, cancel_futures=False)
                     self._executor = None
                 if self._meta_fh is not None:
                     try:

@@ -245,8 +245,18 @@ def test_embedding_cutmix_mixes_feature_dimensions_not_batch_rows():
     assert 0 < int(zero.sum()) < 30 and torch.allclose(dropped[~zero], (own + 1)[~zero] / 0.6)
 
 
-def test_image_method_resumes_after_a_crash_to_the_same_images(kit, real_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("slow_disk", [False, True])
+def test_image_method_resumes_after_a_crash_to_the_same_images(kit, real_data, tmp_path, monkeypatch, slow_disk):
+    """Interrupted at the 5th image, a run keeps the 4 it had handed to its writer threads, even when their
+    writes are still queued (slow_disk), and the rerun completes it."""
+    import time
+
+    import genaug.artefacts as artefacts
     import genaug.generate.synth as synth_module
+
+    if slow_disk:
+        write = artefacts.atomic_write_bytes
+        monkeypatch.setattr(artefacts, "atomic_write_bytes", lambda path, data: (time.sleep(0.2), write(path, data)))
 
     def run(out):
         return synthesize(_cfg(kit, out, model=str(kit("unclip")), method="augcond", real_data=str(real_data),
