@@ -144,7 +144,6 @@ class Sampler:
             latents[active] = self.scheduler.step(eps, t, x).prev_sample
         return self.decode(latents)
 
-
     def _unet(self, model_in: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
               labels: torch.Tensor | None) -> torch.Tensor:
         """One guided UNet call on [unconditional; conditional] rows. A compiled UNet (``compile_unet``) gets

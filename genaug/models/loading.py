@@ -90,8 +90,8 @@ def load_pipeline(model: str, *, device: str = "auto", dtype: str = "auto", xfor
 def compile_unet(pipe, batch_size: int | None = None) -> None:
     """``torch.compile`` the pipeline's UNet in place (inductor), for static shapes.
 
-    The one-off compile costs about a minute on 2 CPU cores (seconds with inductor's on-disk cache warm from
-    an earlier run); then every denoising step is cheaper, so it pays on long jobs. Static graphs: a dynamic
+    The one-off compile costs 44 s on 2 CPU cores for the embedded model (seconds with inductor's on-disk cache
+    warm from an earlier run); then every denoising step is cheaper, so it pays on long jobs. Static graphs: a dynamic
     batch dimension measured slower than the eager UNet on the CPU. With ``batch_size`` the shared sampler pads
     each call to a few fixed sizes (quarters of the batch; img2img's active set and a last partial batch vary),
     so at most four graphs are compiled.
