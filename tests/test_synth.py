@@ -14,6 +14,16 @@ def _cfg(kit, out, **kw):
     return SynthConfig(**base)
 
 
+def assert_same_images(a, b, in_order: bool = False) -> None:
+    """The same image ids (in the same order, if asked), each image within 2 levels per pixel."""
+    ids = [r["id"] for r in a.records]
+    assert (ids == [r["id"] for r in b.records]) if in_order else sorted(ids) == sorted(r["id"] for r in b.records)
+    by_id = {r["id"]: i for i, r in enumerate(b.records)}
+    for i, item_id in enumerate(ids):
+        diff = np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(by_id[item_id]), dtype=int))
+        assert diff.max() <= 2, item_id
+
+
 def test_text_method_writes_a_loadable_dataset(kit, tmp_path):
     result = synthesize(_cfg(kit, tmp_path / "syn"))
     assert result.generated == 6 and result.planned == 6
@@ -32,11 +42,7 @@ def test_text_method_writes_a_loadable_dataset(kit, tmp_path):
 def test_same_images_across_batch_sizes_and_resume(kit, tmp_path):
     synthesize(_cfg(kit, tmp_path / "b1", batch_size=1))
     synthesize(_cfg(kit, tmp_path / "b4", batch_size=4))
-    a, b = read_dataset(tmp_path / "b1"), read_dataset(tmp_path / "b4")
-    by_id = {r["id"]: i for i, r in enumerate(b.records)}
-    for i, r in enumerate(a.records):
-        diff = np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(by_id[r["id"]]), dtype=int))
-        assert diff.max() <= 2, r["id"]
+    assert_same_images(read_dataset(tmp_path / "b1"), read_dataset(tmp_path / "b4"))
     # A rerun skips everything; a larger budget only adds the missing images.
     again = synthesize(_cfg(kit, tmp_path / "b4", batch_size=4))
     assert again.generated == 0 and again.skipped_existing == 6
@@ -112,11 +118,7 @@ def test_image_methods_record_provenance_and_batch_invariance(kit, real_data, tm
         assert {"partner", "mix_lambda", "augcond_mode"} <= set(row) and 0 <= row["mix_lambda"] <= 1
     assert len(load_hf_dataset(tmp_path / "a")["train"]) == 12
     run(tmp_path / "b", 1)
-    b = read_dataset(tmp_path / "b")
-    by_id = {r["id"]: i for i, r in enumerate(b.records)}
-    for i, r in enumerate(ds.records):
-        diff = np.abs(np.asarray(ds.image(i), dtype=int) - np.asarray(b.image(by_id[r["id"]]), dtype=int))
-        assert diff.max() <= 2, r["id"]
+    assert_same_images(ds, read_dataset(tmp_path / "b"))
 
 
 def test_spectrum_level_one_is_the_real_image_through_the_vae(kit, real_data, tmp_path):
@@ -194,10 +196,7 @@ def test_shards_merge_into_the_unsharded_dataset(kit, tmp_path):
         assert part.planned == 3
     merged = synthesize(_cfg(kit, tmp_path / "sharded", images_per_class=3, merge_shards=2))
     assert merged.generated == whole.generated == 6
-    a, b = read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "sharded")
-    assert [r["id"] for r in a.records] == [r["id"] for r in b.records]
-    for i in range(len(a)):
-        assert np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(i), dtype=int)).max() <= 2
+    assert_same_images(read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "sharded"), in_order=True)
     with pytest.raises(Cfg, match="in no shard"):
         synthesize(_cfg(kit, tmp_path / "partial", images_per_class=3, merge_shards=3))
     with pytest.raises(ValueError, match="i/N"):
@@ -279,11 +278,7 @@ def test_image_method_resumes_after_a_crash_to_the_same_images(kit, real_data, t
     assert len(read_dataset(tmp_path / "killed")) == 4
     again = run(tmp_path / "killed")
     assert again.generated == 4 and again.skipped_existing == 4
-    a, b = read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "killed")
-    by_id = {r["id"]: i for i, r in enumerate(b.records)}
-    assert sorted(by_id) == sorted(r["id"] for r in a.records)
-    for i, r in enumerate(a.records):
-        assert np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(by_id[r["id"]]), dtype=int)).max() <= 2
+    assert_same_images(read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "killed"))
 
 
 def _img2img_mixed(kit, real_data, out, **kw):
@@ -293,32 +288,27 @@ def _img2img_mixed(kit, real_data, out, **kw):
     return read_dataset(out)
 
 
-def _assert_same_images(a, b):
-    assert [r["id"] for r in a.records] == [r["id"] for r in b.records]
-    for i in range(len(a.records)):
-        diff = np.abs(np.asarray(a.image(i), dtype=int) - np.asarray(b.image(i), dtype=int))
-        assert diff.max() <= 2, a.records[i]["id"]
-
-
 def test_padded_unet_batches_draw_the_same_images(kit, real_data, tmp_path, monkeypatch):
     """The padding a compiled UNet gets (rows up to the next quarter of the batch) changes no image: img2img at
     mixed strengths, whose active set changes every few steps, and a last partial batch (12 = 5 + 5 + 2)."""
+    import genaug.generate.synth as synth_module
     from diffusers import UNet2DConditionModel
 
+    eager = _img2img_mixed(kit, real_data, tmp_path / "eager")
     rows = []
     original = UNet2DConditionModel.forward
 
-    def padded_forward(self, sample, *args, **kwargs):
-        self.genaug_padded_batch = 5
+    def recording_forward(self, sample, *args, **kwargs):
         rows.append(sample.shape[0])
         return original(self, sample, *args, **kwargs)
 
-    eager = _img2img_mixed(kit, real_data, tmp_path / "eager")
-    monkeypatch.setattr(UNet2DConditionModel, "forward", padded_forward)
-    padded = _img2img_mixed(kit, real_data, tmp_path / "padded")
-    _assert_same_images(eager, padded)
+    # --compile's wiring (synth -> compile_unet(pipe, batch_size) -> padded sampler calls), with an eager UNet.
+    monkeypatch.setattr(synth_module, "compile_unet", lambda pipe, batch: setattr(pipe.unet, "genaug_padded_batch", batch))
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    padded = _img2img_mixed(kit, real_data, tmp_path / "padded", compile=True)
+    assert_same_images(eager, padded, in_order=True)
     # Without padding the active sets would be 1..5 rows; padded, only quarters of 5 (2, 4, 5), times 2 for CFG.
-    assert set(rows[1:]) <= {4, 8, 10} and 4 in rows and 10 in rows, sorted(set(rows))
+    assert set(rows) <= {4, 8, 10} and 4 in rows and 10 in rows, sorted(set(rows))
 
 
 @pytest.mark.slow  # about a minute: inductor compiles the UNet
@@ -329,5 +319,5 @@ def test_compiled_unet_draws_the_same_images(kit, real_data, tmp_path):
     counters.clear()
     eager = _img2img_mixed(kit, real_data, tmp_path / "eager")
     compiled = _img2img_mixed(kit, real_data, tmp_path / "compiled", compile=True)
-    _assert_same_images(eager, compiled)
+    assert_same_images(eager, compiled, in_order=True)
     assert 1 <= counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
