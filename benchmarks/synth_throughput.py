@@ -13,7 +13,10 @@ classifier-free guidance — every image saved as PNG.
       from a cold inductor cache (a fresh cache folder) and again in a new process with that cache warm,
       as the second synthesis stage of a recipe finds it;
   (e) with ``--stock-compiled``: the stock batched pipeline with the same compiled UNet, to show how
-      much of (d)'s gain is torch.compile itself.
+      much of (d)'s gain is torch.compile itself;
+  (f) with ``--large-batch-size N``: (b) and (c) again at batch N, eager. Ratio (a) is the engine
+      against one pipeline call per image, so the engine may use the batch it runs best at; (b)
+      is measured again at that same batch.
 
 The per-image loop is slow and steady, so it runs on the first ``--loop-images`` images only; ratios
 are of images/s.
@@ -86,7 +89,7 @@ def _stock(args, batch_size: int, out_dir: str, n_images: int, inductor_cache: s
     queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _engine(args, out_dir: str, inductor_cache: str | None, queue) -> None:
+def _engine(args, batch_size: int, out_dir: str, inductor_cache: str | None, queue) -> None:
     import os
 
     if inductor_cache:  # before torch is imported, so inductor reads it
@@ -106,7 +109,7 @@ def _engine(args, out_dir: str, inductor_cache: str | None, queue) -> None:
             writer.add(str(r["id"]), ds.image(i), int(r["label"]))
     cfg = SynthConfig(model=args.model, output=str(Path(out_dir) / "synth"), method="augcond", augcond_mode="none",
                       real_data=str(subset), per_real=1, prompt_templates=["a photo of a {}"],
-                      guidance_scale=args.guidance, num_inference_steps=args.steps, batch_size=args.batch_size,
+                      guidance_scale=args.guidance, num_inference_steps=args.steps, batch_size=batch_size,
                       device="cpu", seed=0, compile=bool(inductor_cache))
     # The engine's own clock covers sampling and writing (not model loading), like the stock runs'.
     seconds = synthesize(cfg).seconds
@@ -125,20 +128,44 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled engine runs (d)")
     parser.add_argument("--stock-compiled", action="store_true", help="also run (e): stock batched, compiled UNet")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the eager variants (median reported)")
+    parser.add_argument("--large-batch-size", type=int, default=0,
+                        help="also run (b) and (c) at this batch size (eager), for ratio (a) at the engine's "
+                             "best batch and ratio (b) there too")
     args = parser.parse_args()
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
-        names = ["loop", "batch", "engine", "compiled-cold", "compiled-warm", "stock-compiled", "inductor-cache"]
+        names = ["compiled-cold", "compiled-warm", "stock-compiled", "inductor-cache"]
         dirs = {k: Path(tmp) / k for k in names}
         for d in dirs.values():
             d.mkdir()
         cache = str(dirs["inductor-cache"])
-        runs = {"stock_loop": run_isolated(_stock, args, 1, str(dirs["loop"]), min(args.loop_images, n), None),
-                "stock_batched": run_isolated(_stock, args, args.batch_size, str(dirs["batch"]), n, None),
-                "engine": run_isolated(_engine, args, str(dirs["engine"]), None)}
+        # The eager variants run --repeats times, interleaved (so a slow spell of a shared machine hits
+        # every variant alike), each round in fresh folders; the median time of each is reported.
+        rounds = []
+        for r in range(args.repeats):
+            d = Path(tmp) / f"round{r}"
+            variants = {"stock_loop": (_stock, 1, min(args.loop_images, n)),
+                        "stock_batched": (_stock, args.batch_size, n), "engine": (_engine, args.batch_size, None)}
+            if args.large_batch_size:
+                variants["stock_batched_large"] = (_stock, args.large_batch_size, n)
+                variants["engine_large"] = (_engine, args.large_batch_size, None)
+            results = {}
+            for name, (target, batch, count) in variants.items():
+                (d / name).mkdir(parents=True)
+                extra = (count, None) if target is _stock else (None,)
+                results[name] = run_isolated(target, args, batch, str(d / name), *extra)
+            rounds.append(results)
+        runs = {name: {"seconds": float(np.median([r[name]["seconds"] for r in rounds])),
+                       "all_seconds": [round(r[name]["seconds"], 2) for r in rounds],
+                       "peak_rss_mb": max(r[name]["peak_rss_mb"] for r in rounds)} for name in rounds[0]}
+        dirs.update(loop=Path(tmp) / "round0/stock_loop", batch=Path(tmp) / "round0/stock_batched",
+                    engine=Path(tmp) / "round0/engine")
         if not args.no_compile:
-            runs["engine_compiled_cold_cache"] = run_isolated(_engine, args, str(dirs["compiled-cold"]), cache)
-            runs["engine_compiled_warm_cache"] = run_isolated(_engine, args, str(dirs["compiled-warm"]), cache)
+            runs["engine_compiled_cold_cache"] = run_isolated(_engine, args, args.batch_size,
+                                                              str(dirs["compiled-cold"]), cache)
+            runs["engine_compiled_warm_cache"] = run_isolated(_engine, args, args.batch_size,
+                                                              str(dirs["compiled-warm"]), cache)
         if args.stock_compiled:
             runs["stock_batched_compiled"] = run_isolated(
                 _stock, args, args.batch_size, str(dirs["stock-compiled"]), n, cache)
@@ -151,6 +178,8 @@ def main() -> None:
                            for i, r in enumerate(ds.records)))
 
         diffs = {"engine": largest_difference(dirs["engine"])}
+        if args.large_batch_size:  # same per-item seeds: equal across batch sizes within 2/255
+            diffs["engine_large"] = largest_difference(Path(tmp) / "round0/engine_large")
         if not args.no_compile:
             diffs["engine_compiled"] = largest_difference(dirs["compiled-cold"])
     counts = {name: min(args.loop_images, n) if name == "stock_loop" else n for name in runs}
@@ -158,11 +187,17 @@ def main() -> None:
     report = {
         "images": n, "loop_images": counts["stock_loop"], "batch_size": args.batch_size, "steps": args.steps,
         "threads": args.threads,
+        "repeats": args.repeats,
         "images_per_s": {name: round(v, 3) for name, v in rate.items()},
+        "seconds_per_round": {name: r["all_seconds"] for name, r in runs.items() if "all_seconds" in r},
         "engine_vs_stock_loop": round(rate["engine"] / rate["stock_loop"], 2),
         "engine_vs_stock_batched": round(rate["engine"] / rate["stock_batched"], 2),
         **{f"{name}_vs_stock_batched": round(rate[name] / rate["stock_batched"], 2)
            for name in rate if name.startswith(("engine_compiled", "stock_batched_compiled"))},
+        **({"large_batch_size": args.large_batch_size,
+            "engine_large_vs_stock_loop": round(rate["engine_large"] / rate["stock_loop"], 2),
+            "engine_large_vs_stock_batched_large": round(rate["engine_large"] / rate["stock_batched_large"], 2)}
+           if args.large_batch_size else {}),
         "peak_rss_mb": {name: round(r["peak_rss_mb"]) for name, r in runs.items()},
         "max_pixel_difference_vs_stock_batched": diffs,
         "timed": "sampling + PNG writing (and the compile, where there is one); model loading excluded",
