@@ -21,6 +21,13 @@ its configs, set with ``genaug run RECIPE --set data=/path/to/data``; a null def
 Inputs from outside the recipe's output folder (the user's data, a model folder) enter the cache
 key by a fingerprint of their files (names, sizes, modification times), so editing a dataset in
 place reruns the stages that read it.
+
+``genaug run RECIPE --jobs N`` runs up to N stages at once, each in its own process with its share
+of the CPU threads and its output in ``<output>/.stages/<name>.log``. A stage waits for every
+earlier stage whose output folder its config names (``${output}/world`` inside
+``${output}/world/bench``); a stage without an ``output`` waits for everything before it, and
+everything after waits for it. One ``genaug run`` at a time may use an output folder (a lock file
+in ``.stages/`` says which process holds it).
 """
 
 from __future__ import annotations
@@ -56,8 +63,12 @@ class RecipeConfig:
     only: list[str] = option(help="run only these stages (names), with their inputs cached", factory=list)
     set: list[str] = option(help="recipe variables as NAME=VALUE (e.g. data=/path/to/imagenet-lt), used as "
                                  "${NAME} in the recipe", factory=list)
+    jobs: int = option(1, "stages to run at once, each in its own process with an equal share of the CPU "
+                          "threads; a stage starts once every stage whose output it reads has finished")
 
     def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
         for item in self.set:
             if "=" not in item or not _VARIABLE.match(item.split("=", 1)[0]):
                 raise ValueError(f"--set takes NAME=VALUE, got {item!r}")
@@ -253,36 +264,234 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
     if missing:
         raise ConfigError(f"--only names unknown stage {sorted(missing)[0]!r}", fix=f"stages are {sorted(names)}")
 
-    record = RunRecord.start(output / "run", "run", cfg)
-    t0 = time.time()
-    outcomes: list[StageOutcome] = []
-    chain = hashlib.sha256(b"genaug-recipe")
-    for name, command, config in planned:
-        settings = config_to_dict(config)
-        inputs = {value: fingerprint(Path(value)) for value in _path_values(settings, output)}
-        chain.update(json.dumps({"command": command, "config": settings, "inputs": inputs}, sort_keys=True).encode())
-        key = chain.hexdigest()
-        cache_file = output / ".stages" / f"{name}.json"
-        cached = json.loads(cache_file.read_text()) if cache_file.is_file() else None
-        skip = cfg.only and name not in cfg.only
-        current = cached is not None and cached.get("key") == key and _outputs_exist(cached.get("result", {}))
-        if (not cfg.force and current) or (skip and cached):
-            outcomes.append(StageOutcome(name, command, True, 0.0, cached.get("result", {})))
-            print(f"[{name}] {command}: cached")
-            continue
-        if skip:  # not asked for and never run: leave it (a stage that needs it reports what is missing)
-            print(f"[{name}] {command}: skipped (not in --only)")
-            continue
-        print(f"[{name}] {command}: running")
-        s0 = time.time()
-        result = _load(COMMANDS[command].run)(config)
-        outcome = StageOutcome(name, command, False, round(time.time() - s0, 3), _result_dict(result))
-        atomic_write_json(cache_file, {"key": key, "command": command, "config": config_to_dict(config),
-                                       "result": outcome.result})
-        outcomes.append(outcome)
-    result = RecipeResult(str(path), output, outcomes, round(time.time() - t0, 3))
-    for outcome in outcomes:
-        if isinstance(outcome.result.get("html"), str):
-            print(f"report: {outcome.result['html']} (Markdown: {outcome.result.get('markdown')})")
-    record.finish({"stages": [dataclasses.asdict(o) for o in outcomes]})
+    with _OutputLock(output):
+        record = RunRecord.start(output / "run", "run", cfg)
+        t0 = time.time()
+        done: dict[str, StageOutcome] = {}
+        todo: list[_PendingStage] = []
+        chain = hashlib.sha256(b"genaug-recipe")
+        for name, command, config in planned:
+            settings = config_to_dict(config)
+            inputs = {value: fingerprint(Path(value)) for value in _path_values(settings, output)}
+            chain.update(json.dumps({"command": command, "config": settings, "inputs": inputs},
+                                    sort_keys=True).encode())
+            key = chain.hexdigest()
+            cache_file = output / ".stages" / f"{name}.json"
+            cached = json.loads(cache_file.read_text()) if cache_file.is_file() else None
+            skip = cfg.only and name not in cfg.only
+            current = cached is not None and cached.get("key") == key and _outputs_exist(cached.get("result", {}))
+            if (not cfg.force and current) or (skip and cached):
+                done[name] = StageOutcome(name, command, True, 0.0, cached.get("result", {}))
+                print(f"[{name}] {command}: cached")
+            elif skip:  # not asked for and never run: leave it (a stage that needs it reports what is missing)
+                print(f"[{name}] {command}: skipped (not in --only)")
+            else:
+                todo.append(_PendingStage(name, command, config, key, cache_file))
+        if cfg.jobs > 1 and len(todo) > 1:
+            _run_parallel(todo, cfg.jobs, done)
+        else:
+            for stage in todo:
+                print(f"[{stage.name}] {stage.command}: running")
+                s0 = time.time()
+                result = _load(COMMANDS[stage.command].run)(stage.config)
+                done[stage.name] = stage.finish(_result_dict(result), time.time() - s0)
+        outcomes = [done[name] for name, _, _ in planned if name in done]
+        result = RecipeResult(str(path), output, outcomes, round(time.time() - t0, 3))
+        for outcome in outcomes:
+            if isinstance(outcome.result.get("html"), str):
+                print(f"report: {outcome.result['html']} (Markdown: {outcome.result.get('markdown')})")
+        record.finish({"stages": [dataclasses.asdict(o) for o in outcomes]})
     return result
+
+
+# ---------------------------------------------------------------------------- running stages
+@dataclass
+class _PendingStage:
+    name: str
+    command: str
+    config: Any
+    key: str
+    cache_file: Path
+
+    @property
+    def outputs(self) -> list[str]:
+        value = getattr(self.config, "output", None)
+        return [value.rstrip("/")] if isinstance(value, str) and value.strip("/") else []
+
+    def reads(self, folder: str) -> bool:
+        """Whether any string in this stage's config (its own output aside) names ``folder`` or a path
+        in it; strings are split at ',', ';', '=' and spaces (report specs read "name=path,path")."""
+        target = Path(folder).resolve()
+        found = False
+
+        def visit(value: Any) -> None:
+            nonlocal found
+            if isinstance(value, str):
+                for piece in re.split(r"[,;=\s]+", value):
+                    if piece and not found and len(piece) < 4096:
+                        try:
+                            found = Path(piece).resolve().is_relative_to(target)
+                        except (OSError, ValueError):
+                            pass
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    visit(v)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    visit(v)
+
+        visit({k: v for k, v in config_to_dict(self.config).items() if k != "output"})
+        return found
+
+    def finish(self, result: dict[str, Any], seconds: float) -> StageOutcome:
+        """Record the stage as current (its cache file), and return its outcome."""
+        atomic_write_json(self.cache_file, {"key": self.key, "command": self.command,
+                                            "config": config_to_dict(self.config), "result": result})
+        return StageOutcome(self.name, self.command, False, round(seconds, 3), result)
+
+
+def stage_dependencies(stages: list[_PendingStage]) -> dict[str, set[str]]:
+    """For each stage, the earlier stages it must wait for: those whose output folder its config
+    names. A stage without an output is a barrier: it waits for all earlier ones, all later wait for it."""
+    needs: dict[str, set[str]] = {}
+    for i, stage in enumerate(stages):
+        earlier = stages[:i]
+        if not stage.outputs:
+            needs[stage.name] = {s.name for s in earlier}
+            continue
+        needs[stage.name] = {s.name for s in earlier
+                             if not s.outputs or any(stage.reads(folder) for folder in s.outputs)}
+    return needs
+
+
+def _worker_threads(jobs: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cores = os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+def _run_stage_in_worker(command: str, config: Any, log_path: str, threads: int) -> tuple[str, Any]:
+    """A stage in a fresh process: its output (progress bars included) goes to ``log_path``.
+    Returns ("ok", result dict) or ("error", (error class name, one line))."""
+    import sys
+    import traceback
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.setdefault("TQDM_MININTERVAL", "5")  # a bar redrawn 10x a second makes a big log
+    import torch
+
+    torch.set_num_threads(threads)
+    from .cli import COMMANDS, _load
+    from .errors import GenaugError, disk_full_error
+
+    try:
+        return "ok", _result_dict(_load(COMMANDS[command].run)(config))
+    except GenaugError as exc:
+        print(f"error: {exc.one_line()}", flush=True)
+        return "error", (type(exc).__name__, exc.one_line())
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line, traceback in the log
+        traceback.print_exc()
+        sys.stderr.flush()
+        disk_full = disk_full_error(exc)
+        if disk_full is not None:
+            return "error", ("DiskFullError", disk_full.one_line())
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return "error", ("GenaugError", f"internal error: {type(exc).__name__}: {first}")
+
+
+def _run_parallel(todo: list[_PendingStage], jobs: int, done: dict[str, StageOutcome]) -> None:
+    """Run ``todo`` on ``jobs`` worker processes, each stage once its dependencies have finished.
+    On a failure no new stage starts; the running ones finish (and are cached), then the error is raised."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from . import errors
+
+    needs = stage_dependencies(todo)
+    threads = _worker_threads(jobs)
+    waiting = list(todo)
+    running: dict[Any, tuple[_PendingStage, float, Path]] = {}
+    failure: tuple[_PendingStage, str, str, Path] | None = None
+    print(f"running {len(todo)} stages, up to {jobs} at once ({threads} threads each)")
+    # One process per stage (max_tasks_per_child=1): each starts with fresh memory and thread settings.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
+        try:
+            while waiting or running:
+                if failure is None:
+                    for stage in list(waiting):
+                        if len(running) >= jobs:
+                            break
+                        if needs[stage.name] <= set(done):
+                            log = stage.cache_file.with_suffix(".log")
+                            log.parent.mkdir(parents=True, exist_ok=True)
+                            future = pool.submit(_run_stage_in_worker, stage.command, stage.config, str(log), threads)
+                            running[future] = (stage, time.time(), log)
+                            waiting.remove(stage)
+                            print(f"[{stage.name}] {stage.command}: running (log: {log})")
+                elif not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    stage, s0, log = running.pop(future)
+                    try:
+                        status, payload = future.result()
+                    except Exception as exc:  # the worker process died (killed, out of memory)
+                        status, payload = "error", ("GenaugError", f"its process died: {type(exc).__name__}: {exc}")
+                    if status == "ok":
+                        done[stage.name] = stage.finish(payload, time.time() - s0)
+                        print(f"[{stage.name}] {stage.command}: done in {time.time() - s0:.0f} s")
+                    elif failure is None:
+                        failure = (stage, *payload, log)
+                        if running:
+                            print(f"[{stage.name}] failed; waiting for {len(running)} running stage(s) to finish")
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):  # every stage resumes when rerun
+                process.terminate()
+            raise
+    if failure is not None:
+        stage, kind, line, log = failure
+        cls = getattr(errors, kind, errors.GenaugError)
+        if not (isinstance(cls, type) and issubclass(cls, errors.GenaugError)):
+            cls = errors.GenaugError
+        raise cls(f"stage {stage.name} ({stage.command}) failed: {line}", fix=f"see {log}, then rerun to resume")
+
+
+class _OutputLock:
+    """An exclusive lock on a recipe's output folder, so two runs never write the same stages."""
+
+    def __init__(self, output: Path):
+        self.path = output / ".stages" / "lock"
+        self.handle = None
+
+    def __enter__(self) -> "_OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            self.handle = None
+            raise ConfigError(f"another `genaug run` ({holder}) is using {self.path.parent.parent}",
+                              fix="wait for it to finish, or give this run another --output "
+                                  "(--jobs N runs stages in parallel within one run)") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the lock
+            self.handle = None

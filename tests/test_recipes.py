@@ -159,3 +159,100 @@ def test_only_runs_just_the_named_stages(tmp_path):
     assert (out / "model").is_dir() and not (out / "data").exists()  # synth was neither cached nor asked for
     second = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), only=["synth"]))
     assert [(s.name, s.cached) for s in second.stages] == [("model", True), ("synth", False)]
+
+
+PARALLEL_RECIPE = """
+name: parallel
+stages:""" + MODEL_STAGE + """
+  - name: synth-a
+    command: synth
+    config: {model: "${output}/model", output: "${output}/data-a", class_names: [a, b], images_per_class: 2,
+             num_inference_steps: 2, device: cpu}
+  - name: synth-b
+    command: synth
+    config: {model: "${output}/model", output: "${output}/data-b", class_names: [c], images_per_class: 3,
+             num_inference_steps: 2, device: cpu, seed: 3}
+"""
+
+
+def test_jobs_run_stages_in_worker_processes_with_the_same_results(tmp_path):
+    import numpy as np
+
+    recipe = tmp_path / "parallel.yaml"
+    recipe.write_text(PARALLEL_RECIPE)
+    serial = run_recipe(RecipeConfig(recipe=str(recipe), output=str(tmp_path / "serial")))
+    out = tmp_path / "parallel"
+    parallel = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), jobs=2))
+    assert [(s.name, s.cached) for s in parallel.stages] == [("model", False), ("synth-a", False), ("synth-b", False)]
+    for name in ("data-a", "data-b"):
+        a, b = load_hf_dataset(tmp_path / "serial" / name)["train"], load_hf_dataset(out / name)["train"]
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            # Workers run with their share of the threads: sums in another order, so rounding may differ.
+            diff = np.abs(np.asarray(x["image"], dtype=int) - np.asarray(y["image"], dtype=int)).max()
+            assert x["id"] == y["id"] and diff <= 2
+    assert [s.result["generated"] for s in parallel.stages[1:]] == [s.result["generated"] for s in serial.stages[1:]]
+    # Each stage's own output went to its log; the results were cached like a serial run's.
+    assert "synth" in (out / ".stages" / "synth-b.log").read_text()
+    again = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), jobs=2))
+    assert all(s.cached for s in again.stages)
+
+
+def test_stage_dependencies_follow_the_folders_a_config_names(tmp_path):
+    from dataclasses import dataclass, field
+
+    from genaug.recipes import _PendingStage, stage_dependencies
+
+    @dataclass
+    class Cfg:
+        output: str | None = None
+        data: str = ""
+        specs: list = field(default_factory=list)
+
+    def stage(name, **kw):
+        return _PendingStage(name, "x", Cfg(**kw), "", tmp_path / f"{name}.json")
+
+    o = f"{tmp_path}/out"
+    stages = [stage("world", output=f"{o}/world"),
+              stage("world2", output=f"{o}/world2"),  # a prefix of the name is not a parent folder
+              stage("synth", output=f"{o}/text", data=f"{o}/world/bench"),
+              stage("train", output=f"{o}/clf", data=f"{o}/world2/../world/bench/", specs=[f"+text={o}/text"]),
+              stage("barrier"),  # no output: waits for all before, all after wait for it
+              stage("report", output=f"{o}/report", specs=[f"real={o}/clf,{o}/clf"])]
+    assert stage_dependencies(stages) == {
+        "world": set(), "world2": set(), "synth": {"world"}, "train": {"world", "synth"},
+        "barrier": {"world", "world2", "synth", "train"}, "report": {"train", "barrier"}}
+
+
+def test_a_failing_stage_stops_new_stages_and_keeps_the_error_class(tmp_path):
+    from genaug.errors import ModelError
+
+    recipe = tmp_path / "fails.yaml"
+    recipe.write_text(PARALLEL_RECIPE.replace('model: "${output}/model", output: "${output}/data-a"',
+                                              'model: "${output}/no-model", output: "${output}/data-a"'))
+    out = tmp_path / "out"
+    with pytest.raises(ModelError, match=r"stage synth-a \(synth\) failed: .*no-model.*synth-a\.log"):
+        run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), jobs=2))
+    # synth-a reads no stage's output, so it started beside model and failed at once. model, already
+    # running, finished and is cached for the rerun; synth-b, which waits for model, never started.
+    assert json.loads((out / ".stages" / "model.json").read_text())["key"]
+    assert not (out / ".stages" / "synth-a.json").exists()
+    assert not (out / ".stages" / "synth-b.json").exists() and not (out / ".stages" / "synth-b.log").exists()
+
+
+def test_one_run_at_a_time_per_output_folder(tmp_path):
+    import fcntl
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    (out / ".stages").mkdir(parents=True)
+    with open(out / ".stages" / "lock", "w") as held:
+        held.write("pid 4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=r"another `genaug run` \(pid 4242\) is using"):
+            run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    assert not (out / "model").exists()
+    with pytest.raises(ValueError, match="jobs"):
+        RecipeConfig(recipe=str(recipe), jobs=0)
