@@ -40,7 +40,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .artefacts import atomic_write_json
 from .config import config_from_dict, config_to_dict, option, read_config_file
@@ -146,28 +146,30 @@ def _recipe_variables(declared: Any, given: list[str], path: Path) -> dict[str, 
     return values  # type: ignore[return-value]
 
 
+def _config_strings(settings: dict[str, Any]) -> Iterator[str]:
+    """Every string in a stage's settings (nested lists and dicts included) but its own ``output``."""
+    stack = [v for k, v in settings.items() if k != "output"]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+
+
 def _path_values(settings: dict[str, Any], output: Path) -> list[str]:
     """Strings in a stage's settings that name existing files or folders outside the recipe's output."""
     found: list[str] = []
-
-    def visit(value: Any) -> None:
-        if isinstance(value, str) and value and len(value) < 4096:
+    for value in _config_strings(settings):
+        if value and len(value) < 4096:
             path = Path(value)
             try:
                 if path.exists() and not path.resolve().is_relative_to(output.resolve()):
                     found.append(value)
             except (OSError, ValueError):
                 pass
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-
-    for key, value in settings.items():
-        if key != "output":
-            visit(value)
     return sorted(set(found))
 
 
@@ -322,26 +324,15 @@ class _PendingStage:
         """Whether any string in this stage's config (its own output aside) names ``folder`` or a path
         in it; strings are split at ',', ';', '=' and spaces (report specs read "name=path,path")."""
         target = Path(folder).resolve()
-        found = False
-
-        def visit(value: Any) -> None:
-            nonlocal found
-            if isinstance(value, str):
-                for piece in re.split(r"[,;=\s]+", value):
-                    if piece and not found and len(piece) < 4096:
-                        try:
-                            found = Path(piece).resolve().is_relative_to(target)
-                        except (OSError, ValueError):
-                            pass
-            elif isinstance(value, (list, tuple)):
-                for v in value:
-                    visit(v)
-            elif isinstance(value, dict):
-                for v in value.values():
-                    visit(v)
-
-        visit({k: v for k, v in config_to_dict(self.config).items() if k != "output"})
-        return found
+        for value in _config_strings(config_to_dict(self.config)):
+            for piece in re.split(r"[,;=\s]+", value):
+                if piece and len(piece) < 4096:
+                    try:
+                        if Path(piece).resolve().is_relative_to(target):
+                            return True
+                    except (OSError, ValueError):
+                        pass
+        return False
 
     def finish(self, result: dict[str, Any], seconds: float) -> StageOutcome:
         """Record the stage as current (its cache file), and return its outcome."""
