@@ -1,0 +1,190 @@
+"""Why does the embedded generator not draw shapes? Three measurements on a model family folder.
+
+1. The autoencoder: the oracle's accuracy on real test images and on their VAE reconstructions
+   (does shape survive the latent space?).
+2. The text tower the UNet is conditioned on: cosine similarity of its hidden states at the one
+   token where two prompts differ, layer by layer (input embeddings first). Pairs that differ in
+   shape, in pattern, in colour and in background.
+3. Sampling: the oracle's accuracy on text-prompted samples of the drawable classes, at several
+   guidance scales, split into "right shape" and "right pattern" (class names are "<pattern> <shape>").
+
+With ``--joint-pilot STEPS`` it also continues the UNet for STEPS steps on ``--pilot-images`` pool
+images with the generator's copy of the text tower trained jointly (``--pilot-text-lr``; 0 keeps it
+frozen), measuring (3) at guidance 4 every ``--pilot-eval-every`` steps. Nothing is saved.
+
+    python benchmarks/embedded_diagnostics.py --world worlds/default
+    python benchmarks/embedded_diagnostics.py --world worlds/default --joint-pilot 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from genaug.checkpoints import step_generator
+from genaug.generate.sampler import Sampler
+from genaug.models.embedded import EMBEDDED_ROOT
+from genaug.models.loading import load_pipeline
+from genaug.pretrain.data import load_split, to_unit
+from genaug.pretrain.diffusion import encode_image_embeds, encode_latents, image_condition, noise_schedulers
+from genaug.pretrain.figures import PROMPT, _generate, _novel_classes
+from genaug.pretrain.oracle import load_oracle
+
+WORD_PAIRS = {
+    "shape": ("a photo of a plain circle", "a photo of a plain square"),
+    "shape (triangle)": ("a photo of a plain circle", "a photo of a plain triangle"),
+    "pattern": ("a photo of a plain circle", "a photo of a striped circle"),
+    "colour": ("a red circle on grass", "a blue circle on grass"),
+    "background": ("a red circle on grass", "a red circle on water"),
+}
+
+
+def vae_check(pipe, oracle, test) -> dict[str, float]:
+    with torch.no_grad():
+        x = to_unit(test.images)
+        rec = torch.cat([pipe.vae.decode(pipe.vae.encode(x[i:i + 256]).latent_dist.mean).sample
+                         for i in range(0, len(x), 256)])
+    rec_uint8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    real, _ = oracle.predict(test.images)
+    recon, _ = oracle.predict(rec_uint8)
+    return {"oracle_on_real_test": round(float((real == test.labels).float().mean()), 4),
+            "oracle_on_vae_reconstructions": round(float((recon == test.labels).float().mean()), 4)}
+
+
+def text_tower_check(pipe) -> dict[str, list[float]]:
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+
+    def states(prompt: str):
+        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            return encoder(ids, output_hidden_states=True).hidden_states, ids[0]
+
+    out = {}
+    for name, (a, b) in WORD_PAIRS.items():
+        (ha, ia), (hb, ib) = states(a), states(b)
+        token = int((ia != ib).nonzero()[0])
+        out[name] = [round(float(F.cosine_similarity(x[0, token], y[0, token], dim=0)), 3) for x, y in zip(ha, hb)]
+    return out
+
+
+def sample_check(pipe, oracle, class_names: list[str], drawable: list[str], guidance: float,
+                 per_class: int) -> dict[str, float]:
+    """Oracle accuracy on text samples of the drawable "<pattern> <shape>" classes, whole and per word."""
+    names = drawable
+    prompts, labels, seeds = [], [], []
+    for name in names:
+        for j in range(per_class):
+            prompts.append(PROMPT.format(name))
+            labels.append(class_names.index(name))
+            seeds.append(class_names.index(name) * 1000 + j)
+    images = _generate(Sampler(pipe), prompts, seeds, steps=25, guidance=guidance, size=32)
+    predicted, _ = oracle.predict(images)
+    said = [class_names[int(p)].split() for p in predicted]
+    meant = [class_names[c].split() for c in labels]
+    shapes = {m[-1] for m in meant}
+    patterns = {m[0] for m in meant}
+    return {"guidance": guidance, "class": round(sum(s == m for s, m in zip(said, meant)) / len(meant), 3),
+            "shape": round(sum(s[-1] == m[-1] for s, m in zip(said, meant)) / len(meant), 3),
+            "pattern": round(sum(s[0] == m[0] for s, m in zip(said, meant)) / len(meant), 3),
+            "shape_chance": round(1 / len(shapes), 3), "pattern_chance": round(1 / len(patterns), 3)}
+
+
+def joint_pilot(pipe, oracle, class_names, drawable, pool, steps: int, text_lr: float, every: int, seed: int = 123):
+    """Continue the shipped UNet (lr 2e-4, EMA 0.995) with the text tower trained jointly or frozen."""
+    train_sched, _, image_noising = noise_schedulers()
+    latents = encode_latents(pipe.vae, pool.images)
+    embeds = encode_image_embeds(pipe.image_encoder, pool.images)
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(pool.captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    joint = text_lr > 0
+    text_encoder.requires_grad_(joint)
+    groups = [{"params": list(unet.parameters()), "lr": 2e-4}]
+    if joint:
+        groups.append({"params": list(text_encoder.parameters()), "lr": text_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    pairs = [(dict(unet.named_parameters()), dict(ema_unet.named_parameters())),
+             (dict(text_encoder.named_parameters()), dict(ema_text.named_parameters()))]
+    history = []
+    unet.train()
+    for step in range(steps):
+        g = step_generator(seed, step)
+        idx = torch.randint(0, len(latents), (64,), generator=g)
+        noise = torch.randn(latents[idx].shape, generator=g)
+        t = torch.randint(0, 1000, (64,), generator=g)
+        noisy = train_sched.add_noise(latents[idx], noise, t)
+        token_ids = ids[idx]
+        token_ids[torch.rand(64, generator=g) < 0.15] = empty
+        with torch.set_grad_enabled(joint):
+            text = text_encoder(token_ids)[0]
+        levels = torch.randint(0, 1000, (64,), generator=g)
+        levels[torch.rand(64, generator=g) < 0.5] = 0
+        labels = image_condition(embeds[idx], levels, pipe.image_normalizer, image_noising,
+                                 torch.randn(embeds[idx].shape, generator=g))
+        labels[torch.rand(64, generator=g) < 0.5] = 0.0
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=text, class_labels=labels).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for live, ema in pairs:
+                for k, p in live.items():
+                    if p.requires_grad:
+                        ema[k].lerp_(p.detach(), 0.005)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            pipe.unet, pipe.text_encoder = ema_unet, ema_text
+            history.append({"step": step + 1, **sample_check(pipe, oracle, class_names, drawable, 4.0, 8),
+                            "text_tower_shape_cosine": text_tower_check(pipe)["shape"][-1]})
+            print(json.dumps(history[-1]), flush=True)
+            pipe.unet, pipe.text_encoder = unet, text_encoder
+    return history
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world", default="worlds/default")
+    parser.add_argument("--model", default=None, help="model family folder (default: the shipped one)")
+    parser.add_argument("--guidance", default="1,4,8,12", help="guidance scales for the sampling check")
+    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--joint-pilot", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--pilot-images", type=int, default=20000)
+    parser.add_argument("--pilot-text-lr", type=float, default=1e-4)
+    parser.add_argument("--pilot-eval-every", type=int, default=500)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    family = Path(args.model) if args.model else EMBEDDED_ROOT
+    pipe = load_pipeline(str(family / "generator"), device="cpu", dtype="float32")
+    pipe.set_progress_bar_config(disable=True)
+    oracle = load_oracle(family / "oracle")
+    test = load_split(Path(args.world) / "bench", "test", progress=False)
+    novel = set(_novel_classes(Path(args.world), test.class_names))
+    drawable = [n for n in test.class_names if n not in novel]
+    t0 = time.time()
+    report = {"vae": vae_check(pipe, oracle, test),
+              "text_tower_cosine_by_layer": text_tower_check(pipe),
+              "samples": [sample_check(pipe, oracle, test.class_names, drawable, float(g), args.per_class)
+                          for g in args.guidance.split(",")]}
+    if args.joint_pilot:
+        pool = load_split(Path(args.world) / "pool", "train", limit=args.pilot_images, progress=False)
+        report["joint_pilot"] = {"text_lr": args.pilot_text_lr, "images": len(pool),
+                                 "history": joint_pilot(pipe, oracle, test.class_names, drawable, pool, args.joint_pilot,
+                                                        args.pilot_text_lr, args.pilot_eval_every)}
+    report["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
