@@ -10,10 +10,15 @@
 
 With ``--joint-pilot STEPS`` it also continues the UNet for STEPS steps on ``--pilot-images`` pool
 images with the generator's copy of the text tower trained jointly (``--pilot-text-lr``; 0 keeps it
-frozen), measuring (3) at guidance 4 every ``--pilot-eval-every`` steps. Nothing is saved.
+frozen), measuring (3) at guidance 4 every ``--pilot-eval-every`` steps. ``--pilot-text-attributes N``
+first trains that text tower alone for N steps to name each caption's shape and pattern (a linear
+head on its pooled output), which pulls the shape words apart, before the UNet continues. Nothing
+is saved.
 
     python benchmarks/embedded_diagnostics.py --world worlds/default
     python benchmarks/embedded_diagnostics.py --world worlds/default --joint-pilot 1500
+    python benchmarks/embedded_diagnostics.py --world worlds/default --joint-pilot 1500 \
+        --pilot-text-attributes 300 --pilot-text-lr 0
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from genaug.artefacts import read_dataset
 from genaug.checkpoints import step_generator
 from genaug.generate.sampler import Sampler
 from genaug.models.embedded import EMBEDDED_ROOT
@@ -96,6 +102,28 @@ def sample_check(pipe, oracle, class_names: list[str], drawable: list[str], guid
             "shape_chance": round(1 / len(shapes), 3), "pattern_chance": round(1 / len(patterns), 3)}
 
 
+def text_attribute_pretraining(text_encoder, pool_ids: torch.Tensor, records: list[dict], steps: int,
+                               seed: int = 7) -> None:
+    """Train the text tower alone to name each caption's shape and pattern from its pooled output."""
+    targets = []
+    for key in ("shape", "pattern"):
+        values = sorted({str(r[key]) for r in records})
+        targets.append(torch.tensor([values.index(str(r[key])) for r in records]))
+    sizes = [int(t.max()) + 1 for t in targets]
+    head = torch.nn.Linear(text_encoder.config.hidden_size, sum(sizes))
+    text_encoder.requires_grad_(True)
+    optimizer = torch.optim.AdamW(list(text_encoder.parameters()) + list(head.parameters()), lr=5e-4,
+                                  weight_decay=0.01)
+    for step in range(steps):
+        idx = torch.randint(0, len(pool_ids), (256,), generator=step_generator(seed, step))
+        logits = head(text_encoder(pool_ids[idx]).pooler_output).split(sizes, dim=1)
+        loss = sum(F.cross_entropy(lg, t[idx]) for lg, t in zip(logits, targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    text_encoder.requires_grad_(False)
+
+
 def joint_pilot(pipe, oracle, class_names, drawable, pool, steps: int, text_lr: float, every: int, seed: int = 123):
     """Continue the shipped UNet (lr 2e-4, EMA 0.995) with the text tower trained jointly or frozen."""
     train_sched, _, image_noising = noise_schedulers()
@@ -163,6 +191,7 @@ def main() -> None:
     parser.add_argument("--pilot-images", type=int, default=20000)
     parser.add_argument("--pilot-text-lr", type=float, default=1e-4)
     parser.add_argument("--pilot-eval-every", type=int, default=500)
+    parser.add_argument("--pilot-text-attributes", type=int, default=0, metavar="STEPS")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     family = Path(args.model) if args.model else EMBEDDED_ROOT
@@ -179,6 +208,16 @@ def main() -> None:
                           for g in args.guidance.split(",")]}
     if args.joint_pilot:
         pool = load_split(Path(args.world) / "pool", "train", limit=args.pilot_images, progress=False)
+        if args.pilot_text_attributes:
+            records = read_dataset(Path(args.world) / "pool", "train").records[:len(pool)]
+            tokenizer = pipe.tokenizer
+            pool_ids = tokenizer(pool.captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            text_attribute_pretraining(pipe.text_encoder, pool_ids, records, args.pilot_text_attributes)
+            report["after_text_attributes"] = {"text_tower_cosine_by_layer": text_tower_check(pipe),
+                                               "samples": sample_check(pipe, oracle, test.class_names, drawable,
+                                                                       4.0, args.per_class)}
+            print(json.dumps(report["after_text_attributes"]), flush=True)
         report["joint_pilot"] = {"text_lr": args.pilot_text_lr, "images": len(pool),
                                  "history": joint_pilot(pipe, oracle, test.class_names, drawable, pool, args.joint_pilot,
                                                         args.pilot_text_lr, args.pilot_eval_every)}
