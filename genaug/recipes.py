@@ -272,9 +272,13 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         done: dict[str, StageOutcome] = {}
         todo: list[_PendingStage] = []
         chain = hashlib.sha256(b"genaug-recipe")
+        produced: list[Path] = []  # earlier stages' outputs: in the key through their configs, not their files
         for name, command, config in planned:
             settings = config_to_dict(config)
-            inputs = {value: fingerprint(Path(value)) for value in _path_values(settings, output)}
+            inputs = {value: fingerprint(Path(value)) for value in _path_values(settings, output)
+                      if not any(Path(value).resolve().is_relative_to(p) for p in produced)}
+            if isinstance(settings.get("output"), str) and settings["output"].strip("/"):
+                produced.append(Path(settings["output"]).resolve())
             chain.update(json.dumps({"command": command, "config": settings, "inputs": inputs},
                                     sort_keys=True).encode())
             key = chain.hexdigest()

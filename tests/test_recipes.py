@@ -256,3 +256,16 @@ def test_one_run_at_a_time_per_output_folder(tmp_path):
     assert not (out / "model").exists()
     with pytest.raises(ValueError, match="jobs"):
         RecipeConfig(recipe=str(recipe), jobs=0)
+
+
+def test_a_stage_reading_an_earlier_stages_output_outside_the_recipe_folder_is_cached(tmp_path):
+    # The model folder lies outside ${output}: it is keyed by the kit stage's config, not fingerprinted
+    # (it does not exist when the first run plans its stages, and does on the second).
+    recipe = tmp_path / "outside.yaml"
+    recipe.write_text(RECIPE.replace('"${output}/model"', f'"{tmp_path}/shared-model"')
+                      .replace("model: ${output}/model", f"model: {tmp_path}/shared-model"))
+    out = tmp_path / "out"
+    first = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    assert [s.cached for s in first.stages] == [False, False] and (tmp_path / "shared-model").is_dir()
+    again = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    assert [s.cached for s in again.stages] == [True, True]
