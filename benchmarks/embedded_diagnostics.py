@@ -51,6 +51,12 @@ WORD_PAIRS = {
 }
 
 
+def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Ids padded to the tokenizer's length, as the pipelines and pretraining pad prompts."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def vae_check(pipe, oracle, test) -> dict[str, float]:
     with torch.no_grad():
         x = to_unit(test.images)
@@ -67,8 +73,7 @@ def text_tower_check(pipe) -> dict[str, list[float]]:
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
 
     def states(prompt: str):
-        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = token_ids(tokenizer, [prompt])
         with torch.no_grad():
             return encoder(ids, output_hidden_states=True).hidden_states, ids[0]
 
@@ -129,11 +134,7 @@ def joint_pilot(pipe, oracle, class_names, drawable, pool, steps: int, text_lr: 
     train_sched, _, image_noising = noise_schedulers()
     latents = encode_latents(pipe.vae, pool.images)
     embeds = encode_image_embeds(pipe.image_encoder, pool.images)
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(pool.captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                      return_tensors="pt").input_ids[0]
+    ids, empty = token_ids(pipe.tokenizer, pool.captions), token_ids(pipe.tokenizer, [""])[0]
     unet, text_encoder = pipe.unet, pipe.text_encoder
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     joint = text_lr > 0
@@ -152,10 +153,10 @@ def joint_pilot(pipe, oracle, class_names, drawable, pool, steps: int, text_lr: 
         noise = torch.randn(latents[idx].shape, generator=g)
         t = torch.randint(0, 1000, (64,), generator=g)
         noisy = train_sched.add_noise(latents[idx], noise, t)
-        token_ids = ids[idx]
-        token_ids[torch.rand(64, generator=g) < 0.15] = empty
+        batch_ids = ids[idx]
+        batch_ids[torch.rand(64, generator=g) < 0.15] = empty
         with torch.set_grad_enabled(joint):
-            text = text_encoder(token_ids)[0]
+            text = text_encoder(batch_ids)[0]
         levels = torch.randint(0, 1000, (64,), generator=g)
         levels[torch.rand(64, generator=g) < 0.5] = 0
         labels = image_condition(embeds[idx], levels, pipe.image_normalizer, image_noising,
@@ -210,9 +211,7 @@ def main() -> None:
         pool = load_split(Path(args.world) / "pool", "train", limit=args.pilot_images, progress=False)
         if args.pilot_text_attributes:
             records = read_dataset(Path(args.world) / "pool", "train").records[:len(pool)]
-            tokenizer = pipe.tokenizer
-            pool_ids = tokenizer(pool.captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
+            pool_ids = token_ids(pipe.tokenizer, pool.captions)
             text_attribute_pretraining(pipe.text_encoder, pool_ids, records, args.pilot_text_attributes)
             report["after_text_attributes"] = {"text_tower_cosine_by_layer": text_tower_check(pipe),
                                                "samples": sample_check(pipe, oracle, test.class_names, drawable,
