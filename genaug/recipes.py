@@ -441,8 +441,8 @@ def _run_parallel(todo: list[_PendingStage], jobs: int, done: dict[str, StageOut
                         print(f"[{stage.name}] {stage.command}: done in {time.time() - s0:.0f} s")
                     elif failure is None:
                         failure = (stage, *payload, log)
-                        if running:
-                            print(f"[{stage.name}] failed; waiting for {len(running)} running stage(s) to finish")
+                        wait_note = f"; waiting for {len(running)} running stage(s) to finish" if running else ""
+                        print(f"[{stage.name}] failed{wait_note}")
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             for process in list(getattr(pool, "_processes", {}).values()):  # every stage resumes when rerun

@@ -224,7 +224,7 @@ def test_stage_dependencies_follow_the_folders_a_config_names(tmp_path):
         "barrier": {"world", "world2", "synth", "train"}, "report": {"train", "barrier"}}
 
 
-def test_a_failing_stage_stops_new_stages_and_keeps_the_error_class(tmp_path):
+def test_a_failing_stage_stops_new_stages_and_keeps_the_error_class(tmp_path, capsys):
     from genaug.errors import ModelError
 
     recipe = tmp_path / "fails.yaml"
@@ -233,11 +233,16 @@ def test_a_failing_stage_stops_new_stages_and_keeps_the_error_class(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ModelError, match=r"stage synth-a \(synth\) failed: .*no-model.*synth-a\.log"):
         run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), jobs=2))
-    # synth-a reads no stage's output, so it started beside model and failed at once. model, already
-    # running, finished and is cached for the rerun; synth-b, which waits for model, never started.
+    # synth-a reads no stage's output, so it started beside model. model, already running, finished and
+    # is cached for the rerun. synth-b waits for model: whether it started depends on which of model and
+    # synth-a ended first, but no stage may start once the failure is seen.
     assert json.loads((out / ".stages" / "model.json").read_text())["key"]
     assert not (out / ".stages" / "synth-a.json").exists()
-    assert not (out / ".stages" / "synth-b.json").exists() and not (out / ".stages" / "synth-b.log").exists()
+    printed = capsys.readouterr().out.splitlines()
+    after_failure = printed[next(i for i, line in enumerate(printed) if line.startswith("[synth-a] failed")):]
+    assert not any(": running" in line for line in after_failure), printed
+    synth_b_started = any(line.startswith("[synth-b] synth: running") for line in printed)
+    assert (out / ".stages" / "synth-b.log").exists() == synth_b_started
 
 
 def test_one_run_at_a_time_per_output_folder(tmp_path):
