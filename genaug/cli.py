@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import GenaugError, close_progress_bars, disk_full_error
+from .errors import DiskFullError, GenaugError, close_progress_bars, unexpected_error
 
 
 @dataclass(frozen=True)
@@ -137,14 +137,12 @@ def run_command(name: str, args: argparse.Namespace) -> int:
         if debug:
             raise
         close_progress_bars()
-        disk_full = disk_full_error(exc)  # every stage resumes: a full disk is the user's to fix
-        if disk_full is not None:
-            sys.stderr.write(f"genaug {name}: error: {disk_full.one_line()}\n")
-            return disk_full.exit_code
-        first = (str(exc).strip().splitlines() or [""])[0]
-        sys.stderr.write(f"genaug {name}: internal error: {type(exc).__name__}: {first} "
-                         "(rerun with --debug for the traceback)\n")
-        return 1
+        error = unexpected_error(exc)
+        if isinstance(error, DiskFullError):  # every stage resumes: a full disk is the user's to fix
+            sys.stderr.write(f"genaug {name}: error: {error.one_line()}\n")
+        else:
+            sys.stderr.write(f"genaug {name}: {error.one_line()} (rerun with --debug for the traceback)\n")
+        return error.exit_code
     print(f"genaug {name}: done")
     print(summarize(result))
     return 0

@@ -62,6 +62,17 @@ def disk_full_error(exc: BaseException) -> DiskFullError | None:
     return None
 
 
+def unexpected_error(exc: BaseException) -> GenaugError:
+    """The one-line error for an exception genaug did not raise itself: a :class:`DiskFullError` when
+    the disk filled up (every stage resumes, so the user can fix it), else ``internal error: <type>: <first
+    line>``. For the last-resort handlers of the CLI and of recipe workers, which keep the traceback."""
+    disk_full = disk_full_error(exc)
+    if disk_full is not None:
+        return disk_full
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return GenaugError(f"internal error: {type(exc).__name__}: {first}")
+
+
 def close_progress_bars() -> None:
     """Close every open tqdm bar, so that a one-line error printed next starts on a line of its own
     (a stage that fails inside a loop leaves its bar open, mid-line, until it is garbage-collected).

@@ -381,7 +381,7 @@ def _run_stage_in_worker(command: str, config: Any, log_path: str, threads: int)
 
     torch.set_num_threads(threads)
     from .cli import COMMANDS, _load
-    from .errors import GenaugError, disk_full_error
+    from .errors import GenaugError, unexpected_error
 
     try:
         return "ok", _result_dict(_load(COMMANDS[command].run)(config))
@@ -391,11 +391,8 @@ def _run_stage_in_worker(command: str, config: Any, log_path: str, threads: int)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line, traceback in the log
         traceback.print_exc()
         sys.stderr.flush()
-        disk_full = disk_full_error(exc)
-        if disk_full is not None:
-            return "error", ("DiskFullError", disk_full.one_line())
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return "error", ("GenaugError", f"internal error: {type(exc).__name__}: {first}")
+        error = unexpected_error(exc)
+        return "error", (type(error).__name__, error.one_line())
 
 
 def _run_parallel(todo: list[_PendingStage], jobs: int, done: dict[str, StageOutcome]) -> None:

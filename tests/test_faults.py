@@ -497,7 +497,7 @@ def test_disk_full_mid_training_prints_one_clean_actionable_line(stages, referen
 
 
 def test_disk_full_error_is_one_actionable_line():
-    from genaug.errors import GenaugError, disk_full_error
+    from genaug.errors import GenaugError, disk_full_error, unexpected_error
 
     assert disk_full_error(ValueError("x")) is None
     assert disk_full_error(OSError(errno.EACCES, "Permission denied")) is None
@@ -507,11 +507,15 @@ def test_disk_full_error_is_one_actionable_line():
         except OSError:
             raise RuntimeError("while saving")  # found through the exception chain too
     except RuntimeError as exc:
-        error = disk_full_error(exc)
+        raised, error = exc, disk_full_error(exc)
     assert isinstance(error, GenaugError) and error.exit_code != 0
     line = error.one_line()
     assert "\n" not in line and "disk full" in line and "/data/out/train/images/a.png" in line
     assert "rerun the same command to resume" in line
+    # The last-resort handlers (CLI and recipe workers) turn any exception into one line through it.
+    assert unexpected_error(raised).one_line() == line
+    other = unexpected_error(ValueError("no such column\nsecond line"))
+    assert type(other) is GenaugError and other.one_line() == "internal error: ValueError: no such column"
 
 
 def test_close_progress_bars_ends_the_line_of_an_open_bar():
