@@ -99,3 +99,53 @@ def test_per_class_inversions_feed_synthesis_da_fusion_style(kit, tmp_path):
     assert synth.generated == 4
     prompts = {r["class_name"]: r["prompt"] for r in read_dataset(tmp_path / "syn").records}
     assert "<red-blob> <red-blob>_1" in prompts["red blob"] and "<blue-bar> <blue-bar>_1" in prompts["blue bar"]
+
+
+def _three_class_data(root):
+    from PIL import Image, ImageDraw
+
+    from genaug.artefacts import DatasetWriter
+
+    with DatasetWriter(root, ["red blob", "blue bar", "green dot"]) as writer:
+        for label, colour in enumerate([(220, 30, 30), (30, 30, 220), (30, 200, 30)]):
+            for j in range(2 + label):  # classes of different sizes draw different image indices
+                im = Image.new("RGB", (32, 32), "white")
+                ImageDraw.Draw(im).ellipse([4 + j, 4, 14 + 6 * label, 26], fill=colour)
+                writer.add(f"r{label}-{j}", im, label)
+    return root
+
+
+def test_classes_trained_together_equal_classes_trained_alone(kit, tmp_path):
+    data = _three_class_data(tmp_path / "real")
+    common = dict(per_class=True, max_train_steps=6, placeholder_token="<unused>")
+    alone = train_textual_inversion(_cfg(kit, data, tmp_path / "alone", class_batch=1, **common))
+    grouped = train_textual_inversion(_cfg(kit, data, tmp_path / "grouped", class_batch=2, **common))
+    assert grouped.classes == alone.classes
+    moved = []
+    for name, entry in alone.classes.items():
+        token = entry["words"].split()[0]
+        a, _ = read_safetensors(tmp_path / "alone" / entry["adapter"] / "learned_embeds.safetensors")
+        b, _ = read_safetensors(tmp_path / "grouped" / entry["adapter"] / "learned_embeds.safetensors")
+        # Same draws, own loss, own Adam moments: only float rounding of the larger batch differs.
+        assert torch.allclose(a[token], b[token], atol=1e-5), (name, (a[token] - b[token]).abs().max())
+        config = read_adapter_config(tmp_path / "grouped" / entry["adapter"])
+        assert config["config"]["instance_class"] == name and config["prompt_text"] == entry["words"]
+        assert (tmp_path / "grouped" / entry["adapter"] / "run" / "metrics.json").is_file()
+        moved.append(a[token])
+    assert (moved[0] - moved[1]).abs().max() > 1e-3  # each class learned its own vectors
+
+
+def test_a_resumed_class_group_matches_an_uninterrupted_one(kit, tmp_path):
+    data = _three_class_data(tmp_path / "real")
+    common = dict(per_class=True, class_batch=3, checkpointing_steps=2)
+    train_textual_inversion(_cfg(kit, data, tmp_path / "full", max_train_steps=6, **common))
+    # A run stopped after step 4 keeps its step-2 checkpoint; drop the adapters it wrote and go on to 6.
+    train_textual_inversion(_cfg(kit, data, tmp_path / "res", max_train_steps=4, **common))
+    assert [p.name for p in (tmp_path / "res" / "checkpoints").glob("classes-*/step-*")] == ["step-0000002"]
+    for adapter in ("red-blob", "blue-bar", "green-dot"):
+        (tmp_path / "res" / adapter / "adapter_config.json").unlink()
+    train_textual_inversion(_cfg(kit, data, tmp_path / "res", max_train_steps=6, **common))
+    for adapter, token in (("red-blob", "<red-blob>"), ("green-dot", "<green-dot>")):
+        a, _ = read_safetensors(tmp_path / "full" / adapter / "learned_embeds.safetensors")
+        b, _ = read_safetensors(tmp_path / "res" / adapter / "learned_embeds.safetensors")
+        assert torch.allclose(a[token], b[token], atol=1e-6)
