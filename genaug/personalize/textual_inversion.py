@@ -342,6 +342,7 @@ def _train_class_group(cfg: TextualInversionConfig, classes: list[TextualInversi
         for folder in folders:
             locks.enter_context(folder_lock(folder, "training an adapter in"))
             discard_partial_writes(folder, folder / "run")
+        discard_partial_writes(checkpoints)  # the group's own: holding its classes' locks means holding it
         records = [RunRecord.start(folder / "run", "train-ti", c) for folder, c in zip(folders, classes)]
         rows = TrainableRows(text_encoder, [i for ids in token_ids for i in ids])
         embeddings = rows.weight
