@@ -238,12 +238,21 @@ def _squared_errors(pipe, noise_scheduler, latents: torch.Tensor, noise: torch.T
     return (pred.float() - target.to(device).float()).pow(2)
 
 
+def _adapter_config(cfg: TextualInversionConfig, pipe, token_ids: list[int], prompt_text: str, final_loss: float,
+                    size: int) -> dict:
+    """``adapter_config.json`` of one inversion: base model, tokens, training settings, final loss."""
+    return {"type": "textual_inversion", "format": "diffusers", "base_model": cfg.model, **base_model_info(pipe),
+            "placeholder_token": cfg.placeholder_token, "tokens": pipe.tokenizer.convert_ids_to_tokens(token_ids),
+            "prompt_text": prompt_text, "num_vectors": cfg.num_vectors, "pivotal": cfg.pivotal,
+            "steps": cfg.max_train_steps, "final_loss": final_loss, "resolution": size, "config": config_to_dict(cfg)}
+
+
 def _train_ti_locked(cfg: TextualInversionConfig, pipe, family: str, device, size: int, out: Path,
                      pixels: torch.Tensor, token_ids: list[int], placeholder_text: str) -> TextualInversionResult:
     """``train_textual_inversion`` from the first write on, with the output folder locked."""
     from diffusers import DDPMScheduler
 
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    text_encoder, unet, vae = pipe.text_encoder, pipe.unet, pipe.vae
     record = RunRecord.start(out / "run", "train-ti", cfg)
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
@@ -289,11 +298,7 @@ def _train_ti_locked(cfg: TextualInversionConfig, pipe, family: str, device, siz
             save_training_state(out / "checkpoints", done, params, optimizer, info={"loss": loss_value})
     bar.close()
     learned = embeddings.detach()[token_ids].cpu()
-    config = {"type": "textual_inversion", "format": "diffusers", "base_model": cfg.model, **base_model_info(pipe),
-              "placeholder_token": cfg.placeholder_token, "tokens": tokenizer.convert_ids_to_tokens(token_ids),
-              "prompt_text": placeholder_text, "num_vectors": cfg.num_vectors, "pivotal": cfg.pivotal,
-              "steps": cfg.max_train_steps, "final_loss": loss_value, "resolution": size,
-              "config": config_to_dict(cfg)}
+    config = _adapter_config(cfg, pipe, token_ids, placeholder_text, loss_value, size)
     if cfg.pivotal:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
@@ -382,11 +387,7 @@ def _train_class_group(cfg: TextualInversionConfig, classes: list[TextualInversi
         seconds = round(time.time() - t0, 3)
         for c, folder, ids, text, record, loss_value in zip(classes, folders, token_ids, texts, records,
                                                             losses.tolist()):
-            config = {"type": "textual_inversion", "format": "diffusers", "base_model": c.model,
-                      **base_model_info(pipe), "placeholder_token": c.placeholder_token,
-                      "tokens": tokenizer.convert_ids_to_tokens(ids), "prompt_text": text,
-                      "num_vectors": c.num_vectors, "pivotal": False, "steps": c.max_train_steps,
-                      "final_loss": loss_value, "resolution": size, "config": config_to_dict(c),
+            config = {**_adapter_config(c, pipe, ids, text, loss_value, size),
                       "trained_with_classes": [k.instance_class for k in classes]}
             write_adapter(folder, TI_WEIGHTS, {c.placeholder_token: embeddings.detach()[ids].cpu()}, config)
             record.finish({"final_loss": loss_value, "steps": c.max_train_steps, "seconds": seconds,
