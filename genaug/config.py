@@ -173,19 +173,55 @@ def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config")
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON/YAML-safe dict of a config dataclass (paths as strings, tuples as lists)."""
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if dataclasses.is_dataclass(v):
-            return config_to_dict(v)
-        return v
 
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+def _plain(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if dataclasses.is_dataclass(v):
+        return config_to_dict(v)
+    return v
+
+
+def config_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default as ``config_to_dict`` would write it (fields without a default left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps({k: _plain(v) for k, v in out.items()}))
+
+
+def explicit_settings(cfg: Any) -> dict[str, Any]:
+    """The settings of ``cfg`` that differ from its class's defaults, JSON-normalized.
+
+    What a run asks for, independent of options added to genaug later with defaults that keep the
+    old behaviour: cache keys built from it survive such upgrades."""
+    defaults = config_defaults(type(cfg))
+    current = json.loads(json.dumps(config_to_dict(cfg)))
+    return {k: v for k, v in current.items() if k not in defaults or defaults[k] != v}
+
+
+def same_settings(recorded: Any, cfg: Any) -> bool:
+    """Whether a config recorded on disk (perhaps by an older genaug) asks for what ``cfg`` asks for.
+
+    Equal on every field both know; a field the recording lacks (added to genaug since) must be at its
+    default in ``cfg``; a field ``cfg`` does not know (removed since) makes them differ."""
+    if not isinstance(recorded, dict):
+        return False
+    current = json.loads(json.dumps(config_to_dict(cfg)))
+    if set(recorded) - set(current):
+        return False
+    defaults = config_defaults(type(cfg))
+    return all(recorded[k] == v if k in recorded else (k in defaults and defaults[k] == v)
+               for k, v in current.items())
 
 
 def _flag(name: str) -> str:

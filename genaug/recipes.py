@@ -1,9 +1,10 @@
 """Declarative recipes: a YAML/TOML list of stages that ``genaug run`` executes in order.
 
 A recipe names each stage, the command it runs and that command's config; ``${output}`` in any
-string is the recipe's output folder. A stage's cache key is the hash of its command, its
-resolved config and the keys of every stage before it, so an unchanged stage is not rerun and
-a changed one reruns everything downstream.
+string is the recipe's output folder. A stage's cache key is the hash of its command, the
+settings of its resolved config that differ from the defaults, and the keys of every stage before
+it: an unchanged stage is not rerun, a changed one reruns everything downstream, and an option
+added to genaug later (at a default that keeps the old behaviour) leaves every cache valid.
 
     name: quickstart
     output: runs/quickstart
@@ -27,7 +28,8 @@ of the CPU threads and its output in ``<output>/.stages/<name>.log``. A stage wa
 earlier stage whose output folder its config names (``${output}/world`` inside
 ``${output}/world/bench``); a stage without an ``output`` waits for everything before it, and
 everything after waits for it. One ``genaug run`` at a time may use an output folder (a lock file
-in ``.stages/`` says which process holds it).
+in ``.stages/`` says which process holds it); ``--dry-run`` lists which stages are cached and which
+would run, without the lock and without writing anything.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .artefacts import atomic_write_json
-from .config import config_from_dict, config_to_dict, option, read_config_file
+from .config import config_from_dict, config_to_dict, explicit_settings, option, read_config_file
 from .errors import ConfigError
 from .runs import RunRecord
 
@@ -65,6 +67,7 @@ class RecipeConfig:
                                  "${NAME} in the recipe", factory=list)
     jobs: int = option(1, "stages to run at once, each in its own process with an equal share of the CPU "
                           "threads; a stage starts once every stage whose output it reads has finished")
+    dry_run: bool = option(False, "list which stages are cached and which would run, and run nothing")
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
@@ -89,13 +92,14 @@ class RecipeResult:
     output: Path
     stages: list[StageOutcome]
     seconds: float
+    dry_run: bool = False
 
     def summary(self) -> str:
         """One line per stage for the terminal (each stage's full result is in its own run folder)."""
         lines = [f"  recipe: {self.recipe}", f"  output: {self.output}",
                  f"  stages: {len(self.stages)} in {self.seconds:.0f} s"]
         for s in self.stages:
-            state = "cached" if s.cached else f"{s.seconds:.1f} s"
+            state = "cached" if s.cached else "would run" if self.dry_run else f"{s.seconds:.1f} s"
             lines.append(f"    {s.name} ({s.command}): {state}" + (f" -> {s.result['output']}"
                                                                     if s.result.get("output") else ""))
         return "\n".join(lines)
@@ -266,33 +270,19 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
     if missing:
         raise ConfigError(f"--only names unknown stage {sorted(missing)[0]!r}", fix=f"stages are {sorted(names)}")
 
+    if cfg.dry_run:  # read-only: no lock (a running recipe may hold it), nothing written
+        done, todo = _check_caches(planned, cfg, output, rewrite_legacy_keys=False)
+        for stage in todo:
+            print(f"[{stage.name}] {stage.command}: would run")
+        pending = {stage.name for stage in todo}
+        outcomes = [done.get(name) or StageOutcome(name, command, False, 0.0)
+                    for name, command, _ in planned if name in done or name in pending]
+        return RecipeResult(str(path), output, outcomes, 0.0, dry_run=True)
+
     with _OutputLock(output):
         record = RunRecord.start(output / "run", "run", cfg)
         t0 = time.time()
-        done: dict[str, StageOutcome] = {}
-        todo: list[_PendingStage] = []
-        chain = hashlib.sha256(b"genaug-recipe")
-        produced: list[Path] = []  # earlier stages' outputs: in the key through their configs, not their files
-        for name, command, config in planned:
-            settings = config_to_dict(config)
-            inputs = {value: fingerprint(Path(value)) for value in _path_values(settings, output)
-                      if not any(Path(value).resolve().is_relative_to(p) for p in produced)}
-            if isinstance(settings.get("output"), str) and settings["output"].strip("/"):
-                produced.append(Path(settings["output"]).resolve())
-            chain.update(json.dumps({"command": command, "config": settings, "inputs": inputs},
-                                    sort_keys=True).encode())
-            key = chain.hexdigest()
-            cache_file = output / ".stages" / f"{name}.json"
-            cached = json.loads(cache_file.read_text()) if cache_file.is_file() else None
-            skip = cfg.only and name not in cfg.only
-            current = cached is not None and cached.get("key") == key and _outputs_exist(cached.get("result", {}))
-            if (not cfg.force and current) or (skip and cached):
-                done[name] = StageOutcome(name, command, True, 0.0, cached.get("result", {}))
-                print(f"[{name}] {command}: cached")
-            elif skip:  # not asked for and never run: leave it (a stage that needs it reports what is missing)
-                print(f"[{name}] {command}: skipped (not in --only)")
-            else:
-                todo.append(_PendingStage(name, command, config, key, cache_file))
+        done, todo = _check_caches(planned, cfg, output, rewrite_legacy_keys=True)
         if cfg.jobs > 1 and len(todo) > 1:
             _run_parallel(todo, cfg.jobs, done)
         else:
@@ -308,6 +298,44 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
                 print(f"report: {outcome.result['html']} (Markdown: {outcome.result.get('markdown')})")
         record.finish({"stages": [dataclasses.asdict(o) for o in outcomes]})
     return result
+
+
+def _check_caches(planned: list[tuple[str, str, Any]], cfg: RecipeConfig, output: Path,
+                  rewrite_legacy_keys: bool) -> tuple[dict[str, StageOutcome], list["_PendingStage"]]:
+    """Split the planned stages into cached ones (with their recorded results) and ones to run."""
+    done: dict[str, StageOutcome] = {}
+    todo: list[_PendingStage] = []
+    chain = hashlib.sha256(b"genaug-recipe-explicit")
+    # Keys written before 2026-12-01 hashed every field, defaults included; still accepted (and
+    # rewritten) while the fields are the same, so that older runs stay cached.
+    legacy_chain = hashlib.sha256(b"genaug-recipe")
+    produced: list[Path] = []  # earlier stages' outputs: in the key through their configs, not their files
+    for name, command, config in planned:
+        settings = config_to_dict(config)
+        inputs = {value: fingerprint(Path(value)) for value in _path_values(settings, output)
+                  if not any(Path(value).resolve().is_relative_to(p) for p in produced)}
+        if isinstance(settings.get("output"), str) and settings["output"].strip("/"):
+            produced.append(Path(settings["output"]).resolve())
+        chain.update(json.dumps({"command": command, "config": explicit_settings(config), "inputs": inputs},
+                                sort_keys=True).encode())
+        legacy_chain.update(json.dumps({"command": command, "config": settings, "inputs": inputs},
+                                       sort_keys=True).encode())
+        key = chain.hexdigest()
+        cache_file = output / ".stages" / f"{name}.json"
+        cached = json.loads(cache_file.read_text()) if cache_file.is_file() else None
+        skip = cfg.only and name not in cfg.only
+        current = cached is not None and cached.get("key") in (key, legacy_chain.hexdigest()) \
+            and _outputs_exist(cached.get("result", {}))
+        if current and cached["key"] != key and rewrite_legacy_keys:
+            atomic_write_json(cache_file, {**cached, "key": key})
+        if (not cfg.force and current) or (skip and cached):
+            done[name] = StageOutcome(name, command, True, 0.0, cached.get("result", {}))
+            print(f"[{name}] {command}: cached")
+        elif skip:  # not asked for and never run: leave it (a stage that needs it reports what is missing)
+            print(f"[{name}] {command}: skipped (not in --only)")
+        else:
+            todo.append(_PendingStage(name, command, config, key, cache_file))
+    return done, todo
 
 
 # ---------------------------------------------------------------------------- running stages

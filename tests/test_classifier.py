@@ -45,7 +45,7 @@ def cfg(data, out, **kw):
     return ClassifierConfig(**base)
 
 
-def test_trains_and_writes_a_complete_run_folder(data, tmp_path):
+def test_trains_and_writes_a_complete_run_folder(data, tmp_path, monkeypatch):
     result = train_classifier(cfg(data, tmp_path / "run", extra_data=[str(data["synth"])]))
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert final["accuracy"] == result.test_accuracy and 0 <= result.test_accuracy <= 1
@@ -57,6 +57,16 @@ def test_trains_and_writes_a_complete_run_folder(data, tmp_path):
     for name in ("config.yaml", "versions.json", "metrics.json", "model.safetensors"):
         assert (tmp_path / "run" / name).is_file()
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    # A rerun of the finished run does no work; one asking for something else trains again.
+    import genaug.evaluate.classifier as module
+
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(module, "_train_locked", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = train_classifier(cfg(data, tmp_path / "run", extra_data=[str(data["synth"])]))
+    monkeypatch.undo()
+    assert (again.test_accuracy, again.steps, again.history) == (result.test_accuracy, result.steps, result.history)
+    longer = train_classifier(cfg(data, tmp_path / "run", extra_data=[str(data["synth"])], epochs=4))
+    assert longer.steps > result.steps and (tmp_path / "run" / "model.safetensors").read_bytes() != weights
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
@@ -163,6 +173,20 @@ def test_fewshot_protocol_aggregates_trials_and_reuses_finished_runs(tmp_path, m
 
     monkeypatch.setattr(protocols, "train_classifier", lambda c: pytest.fail("a finished run was retrained"))
     assert run_fewshot(config).table == table
+    # A run finished by an older genaug, before an option existed, still counts while that option is
+    # at its default; a run that asked for something else does not.
+    final_path = tmp_path / "fs" / "k1-trial0" / "final.json"
+    final = json.loads(final_path.read_text())
+    del final["config"]["rotate90"]  # default False in this config
+    final_path.write_text(json.dumps(final))
+    assert run_fewshot(config).table == table
+    final["config"]["epochs"] = 3
+    final_path.write_text(json.dumps(final))
+    retrained = []
+    monkeypatch.setattr(protocols, "train_classifier",
+                        lambda c: retrained.append(c.output) or type("R", (), {"test_accuracy": 0.5})())
+    run_fewshot(config)
+    assert retrained == [str(tmp_path / "fs" / "k1-trial0")]
     with pytest.raises(DataError, match="missing"):
         run_fewshot(FewShotConfig(world=str(world), ks=[4], trials=1, output=str(tmp_path / "fs2")))
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import pytest
 
 from genaug.cli import build_command_parser, parse_command_args
-from genaug.config import config_from_args, config_from_dict, config_to_dict, option, read_config_file
+from genaug.config import (config_from_args, config_from_dict, config_to_dict, explicit_settings, option,
+                           read_config_file, same_settings)
 from genaug.errors import ConfigError
 from genaug.generate.synth import SynthConfig
 
@@ -33,6 +34,19 @@ def test_file_and_override_round_trip(tmp_path):
     # The resolved config written to a run folder reloads to the same object.
     again = config_from_dict(SynthConfig, config_to_dict(cfg))
     assert again == cfg
+
+
+def test_settings_recorded_before_an_option_existed_still_match():
+    cfg = Toy(steps=3, tags=("a",))
+    recorded = config_to_dict(cfg)
+    assert explicit_settings(cfg) == {"steps": 3, "tags": ["a"]}  # defaults left out, JSON-normalized
+    assert same_settings(recorded, cfg)
+    older = {k: v for k, v in recorded.items() if k != "flag"}  # written before `flag` was added
+    assert same_settings(older, cfg)
+    assert not same_settings(older, Toy(steps=3, tags=["a"], flag=True))  # ... which is now set
+    assert not same_settings({**recorded, "steps": 4}, cfg)
+    assert not same_settings({**recorded, "removed_since": 1}, cfg)
+    assert not same_settings(None, cfg) and not same_settings({k: v for k, v in recorded.items() if k != "steps"}, cfg)
 
 
 def test_repeated_list_flags_add_up(tmp_path):

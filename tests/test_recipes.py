@@ -53,6 +53,49 @@ def test_recipe_runs_then_caches_then_reruns_downstream(tmp_path):
     assert len(load_hf_dataset(out / "data")["train"]) == 6
 
 
+def test_an_option_added_later_and_keys_from_before_keep_stages_cached(tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    import genaug.generate.synth as synth
+    from genaug.config import config_to_dict, option
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "out"
+    dry = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), dry_run=True))
+    assert [s.cached for s in dry.stages] == [False, False] and "would run" in dry.summary()
+    assert not out.exists()  # a dry run writes nothing
+    first = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    # Keys as genaug wrote them before 2026-12-01 (every field hashed, defaults too): still current,
+    # and rewritten in today's form.
+    chain, new_keys = hashlib.sha256(b"genaug-recipe"), {}
+    for stage in first.stages:
+        cache = out / ".stages" / f"{stage.name}.json"
+        record = json.loads(cache.read_text())
+        new_keys[stage.name] = record["key"]
+        chain.update(json.dumps({"command": stage.command, "config": record["config"], "inputs": {}},
+                                sort_keys=True).encode())
+        cache.write_text(json.dumps({**record, "key": chain.hexdigest()}))
+    again = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    assert [s.cached for s in again.stages] == [True, True]
+    assert {s.name: json.loads((out / ".stages" / f"{s.name}.json").read_text())["key"]
+            for s in again.stages} == new_keys
+
+    # A later genaug adds a synth option whose default keeps the old behaviour: nothing reruns.
+    @dataclasses.dataclass
+    class LaterSynthConfig(synth.SynthConfig):
+        added_later: int = option(0, "an option a later genaug adds")
+
+    monkeypatch.setattr(synth, "SynthConfig", LaterSynthConfig)
+    later = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out)))
+    assert [s.cached for s in later.stages] == [True, True]
+    recipe.write_text(RECIPE.replace("device: cpu", "device: cpu\n      added_later: 1"))
+    dry = run_recipe(RecipeConfig(recipe=str(recipe), output=str(out), dry_run=True))
+    assert [s.cached for s in dry.stages] == [True, False]  # ... but setting it is a change
+    assert "added_later" in config_to_dict(LaterSynthConfig(model="m", class_names=["a"], images_per_class=1))
+
+
 @pytest.mark.parametrize("text,msg", [
     ("stages: []", "non-empty"),
     ("stages: [{command: nope}]", "unknown command 'nope'"),

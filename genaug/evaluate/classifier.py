@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from tqdm.auto import tqdm
 from ..artefacts import (atomic_write_bytes, atomic_write_json, discard_partial_writes, folder_lock, list_splits,
                          open_image, read_dataset)
 from ..checkpoints import require_finite
-from ..config import config_to_dict, option
+from ..config import config_to_dict, option, same_settings
 from ..errors import ConfigError, DataError
 from ..runs import RunRecord
 
@@ -466,6 +468,9 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     """
     from ..models.loading import resolve_device
 
+    finished = _finished_run(cfg)
+    if finished is not None:
+        return finished
     started = time.time()
     ranks = _launch_ranks(cfg)
     device = ranks.accelerator.device if ranks.accelerator is not None else resolve_device(cfg.device)
@@ -606,6 +611,23 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.M
     weights, _ = read_safetensors(folder / "model.safetensors")
     model.load_state_dict(weights)
     return model.to(device).eval(), list(final["class_names"]), int(final["image_size"])
+
+
+def _finished_run(cfg: ClassifierConfig) -> ClassifierResult | None:
+    """The result of a run that already finished in ``cfg.output`` asking for the same settings (options
+    added to genaug since at their defaults), so that a rerun, like a resumed one, does no work twice."""
+    out = Path(cfg.output)
+    try:
+        final = json.loads((out / "final.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (out / "model.safetensors").is_file() or not same_settings(final.get("config"), cfg):
+        return None
+    print(f"train-classifier: {out} already holds this finished run (test accuracy {final['accuracy']}); "
+          "delete it to train again", file=sys.stderr)
+    return ClassifierResult(out, final["accuracy"], final["balanced_accuracy"], final["buckets"],
+                            final["per_class"], final["train_images"], final["seconds"], final["steps"],
+                            _read_summary(out / "summary.csv"))
 
 
 def _read_summary(path: Path) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ The long-tail protocol is one ``train-classifier`` run on the long-tailed split:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..artefacts import DatasetWriter, atomic_write_json, atomic_write_text, read_dataset
-from ..config import config_from_dict, option
+from ..config import config_from_dict, option, same_settings
 from ..errors import DataError
 from ..runs import RunRecord
 from .classifier import ClassifierConfig, ci95, train_classifier
@@ -89,8 +88,8 @@ def run_fewshot(cfg: FewShotConfig) -> FewShotResult:
     accuracies: dict[int, list[float]] = {k: [] for k in cfg.ks}
     for k, trial, run_cfg in runs:
         final_path = Path(run_cfg.output) / "final.json"
-        if final_path.is_file() and json.loads(final_path.read_text()).get("config") == \
-                json.loads(json.dumps(dataclasses.asdict(run_cfg))):
+        # A finished run counts if it asked for the same (options added to genaug since at their defaults).
+        if final_path.is_file() and same_settings(json.loads(final_path.read_text()).get("config"), run_cfg):
             accuracy = json.loads(final_path.read_text())["accuracy"]
         else:
             accuracy = train_classifier(run_cfg).test_accuracy
