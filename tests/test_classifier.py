@@ -93,6 +93,54 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
     assert (tmp_path / "whole" / "summary.csv").read_text() == (tmp_path / "killed" / "summary.csv").read_text()
 
 
+def test_pretrained_backbone_loads_and_a_frozen_one_stays_as_loaded(data, tmp_path):
+    """DA-Fusion's few-shot classifier: pretrained weights, new head, only the head trained."""
+    from safetensors.torch import load_file, save_file
+
+    from genaug.errors import DataError
+    from genaug.evaluate.classifier import (create_classifier, head_parameter_names, input_normalization,
+                                            load_classifier)
+    from genaug.pretrain.data import CLIP_MEAN
+
+    torch.manual_seed(5)
+    source = create_classifier("genaug_cnn_small", 10, 32)  # "pretrained" on another task with 10 classes
+    source_weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(source_weights, str(tmp_path / "backbone.safetensors"))
+    (tmp_path / "hub-repo").mkdir()
+    save_file(source_weights, str(tmp_path / "hub-repo" / "model.safetensors"))
+
+    result = train_classifier(cfg(data, tmp_path / "probe", arch="genaug_cnn_small",
+                                  pretrained=str(tmp_path / "hub-repo"), freeze_backbone=True))
+    trained = load_file(str(tmp_path / "probe" / "model.safetensors"))
+    head = head_parameter_names(create_classifier("genaug_cnn_small", 6, 32))
+    assert head == {"fc.weight", "fc.bias"} and trained["fc.weight"].shape[0] == 6
+    for k, v in trained.items():  # the backbone, BatchNorm statistics included, is exactly the checkpoint's
+        if k not in head:
+            assert torch.equal(v, source_weights[k]), k
+    assert 0 <= result.test_accuracy <= 1
+    loaded = load_classifier(tmp_path / "probe")
+    assert loaded.mean.flatten().tolist() == pytest.approx(list(CLIP_MEAN))  # genaug_cnn_small's own statistics
+    # Fine-tuning from the file moves the backbone too.
+    train_classifier(cfg(data, tmp_path / "tuned", arch="genaug_cnn_small", pretrained=str(tmp_path / "backbone.safetensors")))
+    tuned = load_file(str(tmp_path / "tuned" / "model.safetensors"))
+    assert any(not torch.equal(tuned[k], source_weights[k]) for k in tuned if k not in head)
+    # A checkpoint's own normalization: timm's ImageNet statistics for a resnet.
+    resnet = create_classifier("resnet18", 6, 32)
+    assert input_normalization(resnet, ClassifierConfig(pretrained="x"))[0] == pytest.approx([0.485, 0.456, 0.406])
+    assert input_normalization(resnet, ClassifierConfig())[0] == pytest.approx(list(CLIP_MEAN))
+
+    with pytest.raises(ValueError, match="needs pretrained"):
+        ClassifierConfig(freeze_backbone=True)
+    save_file({k: v.contiguous() for k, v in resnet.state_dict().items()}, str(tmp_path / "resnet.safetensors"))
+    (tmp_path / "backbone.pth").write_bytes(b"not read")
+    for path, message in [(tmp_path / "resnet.safetensors", "do not fit this architecture"),
+                          (tmp_path / "backbone.pth", "must be a .safetensors file"),
+                          (tmp_path / "absent.safetensors", "not found")]:
+        with pytest.raises(DataError, match=message):
+            train_classifier(cfg(data, tmp_path / "bad", arch="genaug_cnn_small", pretrained=str(path)))
+        assert not (tmp_path / "bad").exists()  # nothing written
+
+
 def _images(labels, ids=None, sources=None, weights=None):
     n = len(labels)
     return Images(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).clone(),

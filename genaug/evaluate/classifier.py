@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +68,12 @@ class ClassifierConfig:
     output: str = option("runs/classifier", "run folder: config, summary.csv, final.json, checkpoints")
     arch: str = option("auto", "timm architecture; auto: genaug_cnn_small for images <= 64 px, else resnet18")
     image_size: int = option(0, "train/test image side (0: the real data's own size)")
+    pretrained: str | None = option(None, "start from these weights of arch: a local .safetensors file, or a "
+                                          "folder holding model.safetensors (a downloaded timm hub repo); the "
+                                          "classification head is new, inputs use the checkpoint's mean/std")
+    freeze_backbone: bool = option(False, "train only the classification head on the frozen pretrained features "
+                                          "(DA-Fusion's few-shot classifier: a linear head on an ImageNet "
+                                          "ResNet-50); needs pretrained")
     epochs: int = option(30, "passes over the (real) training set")
     min_steps: int = option(300, "at least this many optimizer steps (few-shot sets are tiny)")
     batch_size: int = option(128, "images per step")
@@ -97,6 +103,8 @@ class ClassifierConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.freeze_backbone and not self.pretrained:
+            raise ValueError("freeze_backbone needs pretrained weights (set pretrained)")
         if self.min_steps < 0 or self.checkpoint_every < 0 or self.image_size < 0:
             raise ValueError("min_steps, checkpoint_every and image_size must not be negative")
         if not 0.0 <= self.synthetic_prob <= 1.0:
@@ -243,6 +251,57 @@ def create_classifier(arch: str, num_classes: int, image_size: int) -> torch.nn.
     except RuntimeError as exc:
         raise ConfigError(f"unknown timm architecture {name!r} ({exc})", where="arch",
                           fix="use auto, genaug_cnn_small, resnet18, resnet50 or another timm model name") from None
+
+
+def head_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the classification head's parameters (timm's ``get_classifier()``)."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in head}
+
+
+def load_backbone_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy a checkpoint's weights into ``model``, all but the classification head (the new task's own).
+
+    Safetensors only (never unpickled); every non-head tensor of ``model`` must come from the file with
+    its shape, so a checkpoint of another architecture is one clear error instead of a half-loaded model."""
+    from ..artefacts import read_safetensors
+
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / "model.safetensors"
+    where = "pretrained"
+    if not file.is_file():
+        raise DataError(f"pretrained weights not found: {file}", where=where,
+                        fix="give a local .safetensors file of the same timm architecture as arch, or a folder "
+                            "with model.safetensors (e.g. a downloaded timm/<model> hub repo)")
+    if file.suffix != ".safetensors":
+        raise DataError(f"pretrained weights must be a .safetensors file, got {file.name} (genaug never unpickles "
+                        "checkpoints)", where=where,
+                        fix="convert it once where you trust it: safetensors.torch.save_file(torch.load(f, "
+                            "weights_only=True), 'model.safetensors')")
+    weights, _ = read_safetensors(file)
+    head = head_parameter_names(model)
+    own = {k: v for k, v in model.state_dict().items() if k not in head}
+    missing = [k for k in own if k not in weights and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in weights if k not in own and k not in head]
+    misshapen = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or misshapen:
+        example = (missing or unexpected or misshapen)[0]
+        raise DataError(f"pretrained weights do not fit this architecture: {len(missing)} tensors missing, "
+                        f"{len(unexpected)} unexpected, {len(misshapen)} of another shape (e.g. {example!r})",
+                        where=str(file), fix="use a checkpoint of the same timm architecture as arch")
+    model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
+
+
+def input_normalization(model: torch.nn.Module, cfg: ClassifierConfig) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the inputs: a pretrained checkpoint's own (timm's pretrained_cfg), else
+    CLIP's, which the embedded world's models use."""
+    from ..pretrain.data import CLIP_MEAN, CLIP_STD
+
+    pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.pretrained and pretrained_cfg.get("mean") and pretrained_cfg.get("std"):
+        return [float(v) for v in pretrained_cfg["mean"]], [float(v) for v in pretrained_cfg["std"]]
+    return list(CLIP_MEAN), list(CLIP_STD)
 
 
 def adjusted_logits(logits: torch.Tensor, log_prior: torch.Tensor | None, tau: float) -> torch.Tensor:
@@ -485,27 +544,34 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
         raise DataError(f"real data has no {test_split!r} split to test on", where=cfg.real_data,
                         fix="pass --test-data")
     test, _ = load_images(test_root, test_split, size, class_names, cfg.max_memory_gb, "test data")
+    # Built before anything is written, so that pretrained weights that do not fit leave no run folder.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = create_classifier(cfg.arch, len(class_names), size)
+    if cfg.pretrained:
+        load_backbone_weights(model, cfg.pretrained)
+    if cfg.freeze_backbone:  # a linear probe: only the head learns, the backbone stays in eval mode
+        head = head_parameter_names(model)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in head)
     out = Path(cfg.output)
     # Two runs training into one folder would mix checkpoints and summaries: hold it before writing.
     lock = folder_lock(out, "training a classifier in") if ranks.main else contextlib.nullcontext()
     with lock:
-        return _train_locked(cfg, out, started, device, size, real, extra, test, class_names, ranks)
+        return _train_locked(cfg, out, started, device, size, model, real, extra, test, class_names, ranks)
 
 
-def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size: int, real: Images,
-                  extra: Images | None, test: Images, class_names: list[str], ranks: _Ranks) -> ClassifierResult:
+def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size: int, model: torch.nn.Module,
+                  real: Images, extra: Images | None, test: Images, class_names: list[str],
+                  ranks: _Ranks) -> ClassifierResult:
     """``train_classifier`` from the first write on, with the output folder locked."""
-    from ..pretrain.data import CLIP_MEAN, CLIP_STD
-
     if ranks.main:
         discard_partial_writes(out)  # a killed run's temporaries
     num_classes = len(class_names)
     record = RunRecord.start(out, "train-classifier", cfg) if ranks.main else None
     # Each process samples its own stream; the main one's is the single-process stream.
     generator = torch.Generator().manual_seed(cfg.seed if ranks.main else cfg.seed * 1_000_003 + ranks.rank)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = create_classifier(cfg.arch, num_classes, size).to(device)
+    model = model.to(device)
     sampler = MixedSampler(real, extra, cfg, num_classes)
     real_counts = torch.bincount(real.labels, minlength=num_classes)
     log_prior = None
@@ -518,12 +584,14 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_fraction * total)
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if param.ndim >= 2 else no_decay).append(param)
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean_values, std_values = input_normalization(model, cfg)
+    mean = torch.tensor(mean_values).view(1, 3, 1, 1)
+    std = torch.tensor(std_values).view(1, 3, 1, 1)
     start_epoch = _load_checkpoint(out, model, optimizer, generator, ranks.rank) if cfg.checkpoint_every else 0
     core = model  # the plain module: evaluated and saved by one process, outside DDP's collectives
     if ranks.accelerator is not None:
@@ -534,7 +602,7 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train-classifier",
                disable=not cfg.progress or not ranks.main, dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        model.train(not cfg.freeze_backbone)
         running = 0.0
         for i in range(steps_per_epoch):
             step = epoch * steps_per_epoch + i
@@ -588,7 +656,7 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
                        save({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}))
     atomic_write_json(out / "final.json", {
         **final, "train_images": train_images, "class_names": class_names, "image_size": size,
-        "arch": cfg.arch,
+        "arch": cfg.arch, "mean": mean_values, "std": std_values,
         "train_counts": real_counts.tolist(), "steps": total, "seconds": result.seconds,
         "config": config_to_dict(cfg)})
     (out / "checkpoint.safetensors").unlink(missing_ok=True)
@@ -598,8 +666,16 @@ def _train_locked(cfg: ClassifierConfig, out: Path, started: float, device, size
     return result
 
 
-def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, list[str], int]:
-    """``(model in eval mode, class names, image size)`` from a finished train-classifier run folder."""
+class LoadedClassifier(NamedTuple):
+    model: torch.nn.Module  # in eval mode
+    class_names: list[str]
+    image_size: int
+    mean: torch.Tensor  # (1, 3, 1, 1): inputs are (pixels / 255 - mean) / std
+    std: torch.Tensor
+
+
+def load_classifier(folder: str | Path, device: str = "cpu") -> LoadedClassifier:
+    """The model, class names, image size and input normalization of a finished train-classifier run."""
     from ..artefacts import read_json_object, read_safetensors
 
     folder = Path(folder)
@@ -610,7 +686,13 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> tuple[torch.nn.M
     model = create_classifier(final["arch"], len(final["class_names"]), int(final["image_size"]))
     weights, _ = read_safetensors(folder / "model.safetensors")
     model.load_state_dict(weights)
-    return model.to(device).eval(), list(final["class_names"]), int(final["image_size"])
+    from ..pretrain.data import CLIP_MEAN, CLIP_STD
+
+    # Runs from before pretrained backbones all normalized with CLIP's statistics.
+    mean, std = final.get("mean", list(CLIP_MEAN)), final.get("std", list(CLIP_STD))
+    return LoadedClassifier(model.to(device).eval(), list(final["class_names"]), int(final["image_size"]),
+                            torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+                            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
 
 def _finished_run(cfg: ClassifierConfig) -> ClassifierResult | None:

@@ -85,13 +85,11 @@ def filter_dataset(cfg: FilterConfig) -> FilterResult:
     confidence = np.full(n, np.nan)
     if cfg.classifier:
         from ..evaluate.classifier import load_classifier
-        from ..pretrain.data import CLIP_MEAN, CLIP_STD
 
-        model, class_names, size = load_classifier(cfg.classifier)
+        model, class_names, size, mean, std = load_classifier(cfg.classifier)
         lookup = {name: i for i, name in enumerate(class_names)}
         pixels = torch.from_numpy(np.stack([np.asarray(im.resize((size, size))) for im in images]))
-        x = (pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / \
-            torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
         with torch.no_grad():
             probs = torch.cat([(model(x[i:i + 256]) / cfg.temperature).softmax(dim=1) for i in range(0, n, 256)])
         targets = [lookup.get(ds.class_names[int(r["label"])], -1) for r in ds.records]
