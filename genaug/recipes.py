@@ -354,13 +354,16 @@ class _PendingStage:
 
     def reads(self, folder: str) -> bool:
         """Whether any string in this stage's config (its own output aside) names ``folder`` or a path
-        in it; strings are split at ',', ';', '=' and spaces (report specs read "name=path,path")."""
+        in it; strings are split at ',', ';', '=' and spaces (report specs read "name=path,path"). A
+        pattern such as ``datasets/text-k{k}-t{trial}`` (fewshot's extra_patterns) names every folder
+        it can expand to."""
         target = Path(folder).resolve()
         for value in _config_strings(config_to_dict(self.config)):
             for piece in re.split(r"[,;=\s]+", value):
                 if piece and len(piece) < 4096:
                     try:
-                        if Path(piece).resolve().is_relative_to(target):
+                        path = Path(piece).resolve()
+                        if path.is_relative_to(target) or (_FIELD.search(piece) and _expands_into(path, target)):
                             return True
                     except (OSError, ValueError):
                         pass
@@ -371,6 +374,21 @@ class _PendingStage:
         atomic_write_json(self.cache_file, {"key": self.key, "command": self.command,
                                             "config": config_to_dict(self.config), "result": result})
         return StageOutcome(self.name, self.command, False, round(seconds, 3), result)
+
+
+_FIELD = re.compile(r"\{\w+\}")
+
+
+def _expands_into(pattern: Path, folder: Path) -> bool:
+    """Whether some expansion of ``pattern`` (each ``{name}`` any text within one path part) is
+    ``folder`` or a path inside it."""
+    if len(pattern.parts) < len(folder.parts):
+        return False
+    for part, wanted in zip(pattern.parts, folder.parts):
+        regex = "[^/]*".join(re.escape(text) for text in _FIELD.split(part))
+        if not re.fullmatch(regex, wanted):
+            return False
+    return True
 
 
 def stage_dependencies(stages: list[_PendingStage]) -> dict[str, set[str]]:

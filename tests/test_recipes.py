@@ -261,10 +261,17 @@ def test_stage_dependencies_follow_the_folders_a_config_names(tmp_path):
               stage("synth", output=f"{o}/text", data=f"{o}/world/bench"),
               stage("train", output=f"{o}/clf", data=f"{o}/world2/../world/bench/", specs=[f"+text={o}/text"]),
               stage("barrier"),  # no output: waits for all before, all after wait for it
-              stage("report", output=f"{o}/report", specs=[f"real={o}/clf,{o}/clf"])]
-    assert stage_dependencies(stages) == {
+              stage("report", output=f"{o}/report", specs=[f"real={o}/clf,{o}/clf"]),
+              # A pattern names every folder it expands to (fewshot's extra_patterns), and no other.
+              stage("text-k1-t0", output=f"{o}/datasets/text-k1-t0"),
+              stage("text-k16-t3", output=f"{o}/datasets/text-k16-t3"),
+              stage("img-k1-t0", output=f"{o}/datasets/img-k1-t0"),
+              stage("fewshot-text", output=f"{o}/fewshot/text", specs=[f"{o}/datasets/text-k{{k}}-t{{trial}}"])]
+    needs = stage_dependencies(stages)
+    assert {name: needs[name] for name in ("world", "world2", "synth", "train", "barrier", "report")} == {
         "world": set(), "world2": set(), "synth": {"world"}, "train": {"world", "synth"},
         "barrier": {"world", "world2", "synth", "train"}, "report": {"train", "barrier"}}
+    assert needs["fewshot-text"] == {"barrier", "text-k1-t0", "text-k16-t3"}
 
 
 def test_a_failing_stage_stops_new_stages_and_keeps_the_error_class(tmp_path, capsys):
