@@ -70,6 +70,9 @@ def test_report_tables_plots_samples_and_page(runs, kit, tmp_path):
     assert set(data["generation"]["+synth"]) >= {"clip_t", "clip_i", "fid", "kid", "oracle_accuracy"}
     md = result.markdown.read_text()
     assert "| real | 2 |" in md and "k=1" in md and "30.0 ± 5.0" in md
+    # Chance from the runs' own classes (6); the few-shot folder here holds no runs, so none is claimed.
+    assert "Chance (a uniform guess over 6 classes): 16.7%." in md and md.count("Chance") == 1
+    assert data["chance"] == {"longtail": pytest.approx(1 / 6), "fewshot": None}
     for name in ("fewshot.png", "longtail-buckets.png", "accuracy-vs-extra.png", "samples-synth.png"):
         assert (tmp_path / "rep" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = _Page()

@@ -100,6 +100,24 @@ def fewshot_table(entries: list[tuple[str, list[str]]]) -> dict[str, dict[str, A
     return table
 
 
+def chance_level(folders: list[str]) -> float | None:
+    """1 / number of classes of the first classifier run in ``folders`` (a train-classifier folder, or a
+    fewshot folder holding one per (k, trial)); None if none records its classes."""
+    for folder in folders:
+        for final in [Path(folder) / "final.json", *sorted(Path(folder).glob("*/final.json"))]:
+            try:
+                names = json.loads(final.read_text()).get("class_names")
+            except (OSError, ValueError):
+                continue
+            if names:
+                return 1.0 / len(names)
+    return None
+
+
+def _chance_note(chance: float | None) -> str:
+    return f" Chance (a uniform guess over {round(1 / chance)} classes): {100 * chance:.1f}%." if chance else ""
+
+
 def _new_axes(size: tuple[float, float]):
     import matplotlib
 
@@ -123,12 +141,14 @@ def _finish(fig, ax, xlabel: str, grid_axis: str = "both") -> bytes:
     return buffer.getvalue()
 
 
-def plot_fewshot(table) -> bytes:
+def plot_fewshot(table, chance: float | None = None) -> bytes:
     fig, ax = _new_axes((5.5, 3.6))
     for name, rows in table.items():
         ks = sorted(rows)
         ax.errorbar(ks, [100 * rows[k][0] for k in ks], yerr=[100 * rows[k][1] for k in ks], marker="o", capsize=3,
                     label=name)
+    if chance:
+        ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("log", base=2)
     return _finish(fig, ax, "real images per class (k)")
 
@@ -223,10 +243,12 @@ def build_report(cfg: ReportConfig) -> ReportResult:
     longtail = longtail_table(_named(cfg.longtail)) if cfg.longtail else {}
     fewshot = fewshot_table(_named(cfg.fewshot)) if cfg.fewshot else {}
     datasets = _named(cfg.datasets)
+    chance = {"longtail": chance_level([f for _, fs in _named(cfg.longtail) for f in fs]),
+              "fewshot": chance_level([f for _, fs in _named(cfg.fewshot) for f in fs])}
     record = RunRecord.start(out / "run", "report", cfg)
     figures: dict[str, bytes] = {}
     if fewshot:
-        figures["fewshot.png"] = plot_fewshot(fewshot)
+        figures["fewshot.png"] = plot_fewshot(fewshot, chance["fewshot"])
     if longtail:
         figures["longtail-buckets.png"] = plot_buckets(longtail)
         figures["accuracy-vs-extra.png"] = plot_vs_extra(longtail)
@@ -255,7 +277,7 @@ def build_report(cfg: ReportConfig) -> ReportResult:
         md += [f"| {n} | {r['runs']} | {r['extra_images']} | {_fmt(*r['accuracy'])} | "
                f"{_fmt(*r['balanced_accuracy'])} | {_fmt(*r['many'])} | {_fmt(*r['medium'])} | {_fmt(*r['few'])} |"
                for n, r in longtail.items()]
-        md += ["", "Accuracy in %, mean ± 95% CI over runs (seeds).", "",
+        md += ["", "Accuracy in %, mean ± 95% CI over runs (seeds)." + _chance_note(chance["longtail"]), "",
                "![buckets](longtail-buckets.png) ![accuracy vs extra images](accuracy-vs-extra.png)", ""]
     if fewshot:
         ks = sorted({k for rows in fewshot.values() for k in rows})
@@ -263,7 +285,8 @@ def build_report(cfg: ReportConfig) -> ReportResult:
                "|---|" + "---|" * len(ks)]
         md += [f"| {n} | " + " | ".join(_fmt(*rows[k]) if k in rows else "–" for k in ks) + " |"
                for n, rows in fewshot.items()]
-        md += ["", "Test accuracy in %, mean ± 95% CI over trials.", "", "![few-shot](fewshot.png)", ""]
+        md += ["", "Test accuracy in %, mean ± 95% CI over trials." + _chance_note(chance["fewshot"]), "",
+               "![few-shot](fewshot.png)", ""]
     if metrics:
         md += ["## Generated / retrieved data", "", "| method | images | CLIP-T | CLIP-I | FID | KID | oracle acc. |",
                "|---|---|---|---|---|---|---|"]
@@ -284,7 +307,7 @@ def build_report(cfg: ReportConfig) -> ReportResult:
     atomic_write_text(out / "report.md", markdown)
     results = {"longtail": {n: {k: v for k, v in r.items()} for n, r in longtail.items()},
                "fewshot": {n: {str(k): v for k, v in rows.items()} for n, rows in fewshot.items()},
-               "generation": metrics}
+               "generation": metrics, "chance": chance}
     atomic_write_text(out / "report.json", json.dumps(results, indent=2, default=str))
     page = render_html(cfg.title, markdown, {**figures, **{f"samples-{slugify(n)}.png": g for n, g in grids.items()}})
     atomic_write_text(out / "report.html", page)
