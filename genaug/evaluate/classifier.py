@@ -259,6 +259,23 @@ def head_parameter_names(model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in head}
 
 
+def pretrained_file(path: str) -> Path:
+    """The safetensors file that ``pretrained`` names (a file, or a folder holding model.safetensors)."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / "model.safetensors"
+    if not file.is_file():
+        raise DataError(f"pretrained weights not found: {file}", where="pretrained",
+                        fix="give a local .safetensors file of the same timm architecture as arch, or a folder "
+                            "with model.safetensors (e.g. a downloaded timm/<model> hub repo)")
+    if file.suffix != ".safetensors":
+        raise DataError(f"pretrained weights must be a .safetensors file, got {file.name} (genaug never unpickles "
+                        "checkpoints)", where="pretrained",
+                        fix="convert it once where you trust it: safetensors.torch.save_file(torch.load(f, "
+                            "weights_only=True), 'model.safetensors')")
+    return file
+
+
 def load_backbone_weights(model: torch.nn.Module, path: str) -> None:
     """Copy a checkpoint's weights into ``model``, all but the classification head (the new task's own).
 
@@ -266,19 +283,7 @@ def load_backbone_weights(model: torch.nn.Module, path: str) -> None:
     its shape, so a checkpoint of another architecture is one clear error instead of a half-loaded model."""
     from ..artefacts import read_safetensors
 
-    file = Path(path).expanduser()
-    if file.is_dir():
-        file = file / "model.safetensors"
-    where = "pretrained"
-    if not file.is_file():
-        raise DataError(f"pretrained weights not found: {file}", where=where,
-                        fix="give a local .safetensors file of the same timm architecture as arch, or a folder "
-                            "with model.safetensors (e.g. a downloaded timm/<model> hub repo)")
-    if file.suffix != ".safetensors":
-        raise DataError(f"pretrained weights must be a .safetensors file, got {file.name} (genaug never unpickles "
-                        "checkpoints)", where=where,
-                        fix="convert it once where you trust it: safetensors.torch.save_file(torch.load(f, "
-                            "weights_only=True), 'model.safetensors')")
+    file = pretrained_file(path)
     weights, _ = read_safetensors(file)
     head = head_parameter_names(model)
     own = {k: v for k, v in model.state_dict().items() if k not in head}
@@ -530,6 +535,8 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierResult:
     finished = _finished_run(cfg)
     if finished is not None:
         return finished
+    if cfg.pretrained:
+        pretrained_file(cfg.pretrained)  # a wrong path fails now, not after the data has loaded
     started = time.time()
     ranks = _launch_ranks(cfg)
     device = ranks.accelerator.device if ranks.accelerator is not None else resolve_device(cfg.device)
