@@ -271,8 +271,8 @@ def pretrained_file(path: str) -> Path:
     if file.suffix != ".safetensors":
         raise DataError(f"pretrained weights must be a .safetensors file, got {file.name} (genaug never unpickles "
                         "checkpoints)", where="pretrained",
-                        fix="convert it once where you trust it: safetensors.torch.save_file(torch.load(f, "
-                            "weights_only=True), 'model.safetensors')")
+                        fix="convert it once, where you trust the file: safetensors.torch.save_file("
+                            "torch.load(f, weights_only=True), 'model.safetensors')")
     return file
 
 
