@@ -217,9 +217,9 @@ def test_fewshot_protocol_aggregates_trials_and_reuses_finished_runs(tmp_path, m
     mean, half = ci95(table["1"]["trials"])
     assert table["1"]["mean"] == pytest.approx(mean, abs=1e-5) and table["1"]["ci95"] == pytest.approx(half, abs=1e-5)
     assert result.table == table and "± " in (tmp_path / "fs" / "fewshot.md").read_text()
-    import genaug.evaluate.protocols as protocols
+    import genaug.evaluate.classifier as classifier
 
-    monkeypatch.setattr(protocols, "train_classifier", lambda c: pytest.fail("a finished run was retrained"))
+    monkeypatch.setattr(classifier, "_train_locked", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert run_fewshot(config).table == table
     # A run finished by an older genaug, before an option existed, still counts while that option is
     # at its default; a run that asked for something else does not.
@@ -231,8 +231,8 @@ def test_fewshot_protocol_aggregates_trials_and_reuses_finished_runs(tmp_path, m
     final["config"]["epochs"] = 3
     final_path.write_text(json.dumps(final))
     retrained = []
-    monkeypatch.setattr(protocols, "train_classifier",
-                        lambda c: retrained.append(c.output) or type("R", (), {"test_accuracy": 0.5})())
+    monkeypatch.setattr(classifier, "_train_locked",
+                        lambda cfg, *a: retrained.append(cfg.output) or type("R", (), {"test_accuracy": 0.5})())
     run_fewshot(config)
     assert retrained == [str(tmp_path / "fs" / "k1-trial0")]
     with pytest.raises(DataError, match="missing"):

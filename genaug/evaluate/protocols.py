@@ -15,7 +15,6 @@ The long-tail protocol is one ``train-classifier`` run on the long-tailed split:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..artefacts import DatasetWriter, atomic_write_json, atomic_write_text, read_dataset
-from ..config import config_from_dict, option, same_settings
+from ..config import config_from_dict, option
 from ..errors import DataError
 from ..runs import RunRecord
 from .classifier import ClassifierConfig, ci95, train_classifier
@@ -86,14 +85,8 @@ def run_fewshot(cfg: FewShotConfig) -> FewShotResult:
             runs.append((k, trial, run_cfg))
     record = RunRecord.start(out / "run", "fewshot", cfg)
     accuracies: dict[int, list[float]] = {k: [] for k in cfg.ks}
-    for k, trial, run_cfg in runs:
-        final_path = Path(run_cfg.output) / "final.json"
-        # A finished run counts if it asked for the same (options added to genaug since at their defaults).
-        if final_path.is_file() and same_settings(json.loads(final_path.read_text()).get("config"), run_cfg):
-            accuracy = json.loads(final_path.read_text())["accuracy"]
-        else:
-            accuracy = train_classifier(run_cfg).test_accuracy
-        accuracies[k].append(accuracy)
+    for k, trial, run_cfg in runs:  # a run already finished with the same settings is reported, not retrained
+        accuracies[k].append(train_classifier(run_cfg).test_accuracy)
     table = {}
     for k, values in accuracies.items():
         mean, half = ci95(values)
