@@ -188,6 +188,11 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _json_settings(cfg: Any) -> dict[str, Any]:
+    """``config_to_dict`` as it reads back from JSON (tuples as lists, ints and floats as written)."""
+    return json.loads(json.dumps(config_to_dict(cfg)))
+
+
 def config_defaults(cls: type) -> dict[str, Any]:
     """Each field's default as ``config_to_dict`` would write it (fields without a default left out)."""
     out = {}
@@ -205,8 +210,7 @@ def explicit_settings(cfg: Any) -> dict[str, Any]:
     What a run asks for, independent of options added to genaug later with defaults that keep the
     old behaviour: cache keys built from it survive such upgrades."""
     defaults = config_defaults(type(cfg))
-    current = json.loads(json.dumps(config_to_dict(cfg)))
-    return {k: v for k, v in current.items() if k not in defaults or defaults[k] != v}
+    return {k: v for k, v in _json_settings(cfg).items() if k not in defaults or defaults[k] != v}
 
 
 def same_settings(recorded: Any, cfg: Any) -> bool:
@@ -216,7 +220,7 @@ def same_settings(recorded: Any, cfg: Any) -> bool:
     default in ``cfg``; a field ``cfg`` does not know (removed since) makes them differ."""
     if not isinstance(recorded, dict):
         return False
-    current = json.loads(json.dumps(config_to_dict(cfg)))
+    current = _json_settings(cfg)
     if set(recorded) - set(current):
         return False
     defaults = config_defaults(type(cfg))
