@@ -4,7 +4,9 @@ The embedded dual encoder's image tower reads shape at 0.23 by linear probe afte
 This script asks whether that is the tower's patch size or a budget every small model shares: it
 trains the CLIP vision tower (the shipped width and depth) at each patch size, and the small CNN
 of the classifiers, supervised on shape (10 classes, chance 0.10), with the dual encoder's crop
-and flip augmentation, and prints held-out shape accuracy as training goes.
+and flip augmentation, and prints held-out shape accuracy as training goes. The CNN is trained
+twice: with its residual blocks' last BatchNorm started at zero (``zero_init_last``, its default
+until 2026-12-01) and at one (the default since).
 
     python benchmarks/shape_probe.py --world worlds/default --steps 800 --patches 8,4 --cnn
 """
@@ -56,7 +58,8 @@ def main() -> None:
     parser.add_argument("--world", default="worlds/default")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--patches", default="8,4", help="ViT patch sizes to try")
-    parser.add_argument("--cnn", action="store_true", help="also the classifiers' small CNN")
+    parser.add_argument("--cnn", action="store_true", help="also the classifiers' small CNN (with and without "
+                                                           "zero_init_last)")
     parser.add_argument("--images", type=int, default=20000, help="training images (2,000 more are held out)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -86,10 +89,11 @@ def main() -> None:
 
         importlib.import_module("genaug.evaluate.backbones")  # registers genaug_cnn_small with timm
 
-        torch.manual_seed(0)
-        cnn = timm.create_model("genaug_cnn_small", num_classes=0)
-        results += probe("genaug_cnn_small", cnn, lambda m, b: m(b), cnn.num_features, x, y, args.images,
-                         args.steps, len(shapes))
+        for zero_init_last in (True, False):
+            torch.manual_seed(0)
+            cnn = timm.create_model("genaug_cnn_small", num_classes=0, zero_init_last=zero_init_last)
+            results += probe(f"genaug_cnn_small{' zero_init_last' if zero_init_last else ''}", cnn,
+                             lambda m, b: m(b), cnn.num_features, x, y, args.images, args.steps, len(shapes))
     print(json.dumps({"chance": round(1 / len(shapes), 3), "results": results}))
 
 

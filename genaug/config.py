@@ -204,27 +204,39 @@ def config_defaults(cls: type) -> dict[str, Any]:
     return json.loads(json.dumps({k: _plain(v) for k, v in out.items()}))
 
 
+def legacy_settings(cls: type) -> dict[str, Any]:
+    """Options whose default changed the behaviour when they were added, with the value that matches
+    the behaviour before (a config class's ``LEGACY_SETTINGS``).
+
+    A run recorded before such an option existed behaved as if it had the legacy value, so that is the
+    baseline against which its recording and cache key are compared."""
+    return json.loads(json.dumps({k: _plain(v) for k, v in getattr(cls, "LEGACY_SETTINGS", {}).items()}))
+
+
 def explicit_settings(cfg: Any) -> dict[str, Any]:
     """The settings of ``cfg`` that differ from its class's defaults, JSON-normalized.
 
     What a run asks for, independent of options added to genaug later with defaults that keep the
-    old behaviour: cache keys built from it survive such upgrades."""
-    defaults = config_defaults(type(cfg))
-    return {k: v for k, v in _json_settings(cfg).items() if k not in defaults or defaults[k] != v}
+    old behaviour: cache keys built from it survive such upgrades. An option whose default changed
+    the behaviour (``LEGACY_SETTINGS``) counts as explicit unless it has its legacy value, so keys
+    written before it existed stop matching, as they should."""
+    baseline = {**config_defaults(type(cfg)), **legacy_settings(type(cfg))}
+    return {k: v for k, v in _json_settings(cfg).items() if k not in baseline or baseline[k] != v}
 
 
 def same_settings(recorded: Any, cfg: Any) -> bool:
     """Whether a config recorded on disk (perhaps by an older genaug) asks for what ``cfg`` asks for.
 
     Equal on every field both know; a field the recording lacks (added to genaug since) must be at its
-    default in ``cfg``; a field ``cfg`` does not know (removed since) makes them differ."""
+    default in ``cfg``, or at its legacy value if the option changed the behaviour when it was added;
+    a field ``cfg`` does not know (removed since) makes them differ."""
     if not isinstance(recorded, dict):
         return False
     current = _json_settings(cfg)
     if set(recorded) - set(current):
         return False
-    defaults = config_defaults(type(cfg))
-    return all(recorded[k] == v if k in recorded else (k in defaults and defaults[k] == v)
+    baseline = {**config_defaults(type(cfg)), **legacy_settings(type(cfg))}
+    return all(recorded[k] == v if k in recorded else (k in baseline and baseline[k] == v)
                for k, v in current.items())
 
 

@@ -316,8 +316,10 @@ def _check_caches(planned: list[tuple[str, str, Any]], cfg: RecipeConfig, output
                   if not any(Path(value).resolve().is_relative_to(p) for p in produced)}
         if isinstance(settings.get("output"), str) and settings["output"].strip("/"):
             produced.append(Path(settings["output"]).resolve())
-        chain.update(json.dumps({"command": command, "config": explicit_settings(config), "inputs": inputs},
-                                sort_keys=True).encode())
+        explicit = {"command": command, "config": explicit_settings(config), "inputs": inputs}
+        if hasattr(config, "delegated_settings"):  # stages that run another command's config (fewshot)
+            explicit["delegated"] = config.delegated_settings()
+        chain.update(json.dumps(explicit, sort_keys=True).encode())
         legacy_chain.update(json.dumps({"command": command, "config": settings, "inputs": inputs},
                                        sort_keys=True).encode())
         key = chain.hexdigest()

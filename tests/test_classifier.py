@@ -148,6 +148,39 @@ def _images(labels, ids=None, sources=None, weights=None):
                   sources or [None] * n)
 
 
+def test_zero_init_last_reaches_the_residual_blocks_and_older_runs_are_retrained(data, tmp_path, monkeypatch):
+    from genaug.errors import ConfigError
+    from genaug.evaluate.backbones import BasicBlock
+    from genaug.evaluate.classifier import create_classifier
+
+    def last_bn_gammas(model):
+        blocks = [m for m in model.modules() if isinstance(m, BasicBlock) or type(m).__name__ == "BasicBlock"]
+        return torch.cat([b.bn2.weight.detach().flatten() for b in blocks])
+
+    assert bool((last_bn_gammas(create_classifier("genaug_cnn_small", 6, 32)) == 1).all())  # the default
+    assert bool((last_bn_gammas(create_classifier("genaug_cnn_small", 6, 32, zero_init_last=True)) == 0).all())
+    assert bool((last_bn_gammas(create_classifier("resnet18", 6, 32)) == 1).all())  # timm's own default is zero
+    assert bool((last_bn_gammas(create_classifier("resnet18", 6, 32, zero_init_last=True)) == 0).all())
+    with pytest.raises(ConfigError, match="does not apply"):
+        create_classifier("vit_tiny_patch16_224", 6, 32, zero_init_last=True)
+
+    # A run finished before the option existed started its blocks at zero: it is not a run of the
+    # new default, so it is trained again (and reported, not retrained, once it asks for the old start).
+    train_classifier(cfg(data, tmp_path / "run"))
+    final_path = tmp_path / "run" / "final.json"
+    final = json.loads(final_path.read_text())
+    del final["config"]["zero_init_last"]
+    final_path.write_text(json.dumps(final))
+    import genaug.evaluate.classifier as classifier
+
+    retrained = []
+    monkeypatch.setattr(classifier, "_train_locked",
+                        lambda cfg, *a: retrained.append(cfg.zero_init_last) or "retrained")
+    assert train_classifier(cfg(data, tmp_path / "run")) == "retrained"
+    assert train_classifier(cfg(data, tmp_path / "run", zero_init_last=True)).test_accuracy == final["accuracy"]
+    assert retrained == [False]
+
+
 def test_sampler_rules():
     real = _images([0] * 90 + [1] * 10)
     balanced = MixedSampler(real, None, ClassifierConfig(sampler="class_balanced"), 2)

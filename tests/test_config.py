@@ -49,6 +49,24 @@ def test_settings_recorded_before_an_option_existed_still_match():
     assert not same_settings(None, cfg) and not same_settings({k: v for k, v in recorded.items() if k != "steps"}, cfg)
 
 
+@dataclass
+class ToyWithChangedBehaviour(Toy):
+    # `fast` was added with a default that changed what runs do; before it, they behaved as fast=True.
+    fast: bool = option(False, "a new default behaviour")
+    LEGACY_SETTINGS = {"fast": True}
+
+
+def test_an_option_that_changed_the_behaviour_does_not_match_older_runs():
+    cfg = ToyWithChangedBehaviour(steps=3)
+    # At its new default it is explicit (older cache keys must stop matching); at the legacy value it is not.
+    assert explicit_settings(cfg) == {"steps": 3, "fast": False}
+    assert explicit_settings(ToyWithChangedBehaviour(steps=3, fast=True)) == {"steps": 3}
+    older = {k: v for k, v in config_to_dict(cfg).items() if k != "fast"}  # recorded before `fast` existed
+    assert not same_settings(older, cfg)
+    assert same_settings(older, ToyWithChangedBehaviour(steps=3, fast=True))
+    assert same_settings(config_to_dict(cfg), cfg)
+
+
 def test_repeated_list_flags_add_up(tmp_path):
     cfg_file = tmp_path / "synth.yaml"
     cfg_file.write_text("model: m\nclass_names: [from-file]\nimages_per_class: 1\n")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..artefacts import DatasetWriter, atomic_write_json, atomic_write_text, read_dataset
-from ..config import config_from_dict, option
+from ..config import config_from_dict, explicit_settings, option
 from ..errors import DataError
 from ..runs import RunRecord
 from .classifier import ClassifierConfig, ci95, train_classifier
@@ -59,6 +59,13 @@ class FewShotConfig:
         if reserved & set(self.classifier):
             raise ValueError(f"classifier overrides cannot set {sorted(reserved & set(self.classifier))}: the "
                              "protocol sets them per run")
+
+    def delegated_settings(self) -> dict[str, Any]:
+        """The classifier settings every run asks for, as cache keys compare them: a change in what
+        genaug's classifier does by default (``ClassifierConfig.LEGACY_SETTINGS``) then reaches the
+        recipe stages that train through this protocol."""
+        probe = config_from_dict(ClassifierConfig, self.classifier, source="fewshot classifier")
+        return {"classifier": explicit_settings(probe)}
 
 
 @dataclass
