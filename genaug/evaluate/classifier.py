@@ -254,19 +254,16 @@ def create_classifier(arch: str, num_classes: int, image_size: int, zero_init_la
     from .backbones import takes_zero_init_last  # (importing it registers genaug_cnn_* in timm)
 
     name = arch if arch != "auto" else ("genaug_cnn_small" if image_size <= 64 else "resnet18")
-    fix = "use auto, genaug_cnn_small, resnet18, resnet50 or another timm model name"
-    try:
+    try:  # timm's "Unknown model" is a RuntimeError
         takes_zero_init = takes_zero_init_last(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown timm architecture {name!r} ({exc})", where="arch", fix=fix) from None
-    if zero_init_last and not takes_zero_init:
-        raise ConfigError(f"zero_init_last does not apply to {name!r}", where="zero_init_last",
-                          fix="leave it off, or use a genaug_cnn_* or timm ResNet architecture")
-    kwargs = {"zero_init_last": zero_init_last} if takes_zero_init else {}
-    try:
+        if zero_init_last and not takes_zero_init:
+            raise ConfigError(f"zero_init_last does not apply to {name!r}", where="zero_init_last",
+                              fix="leave it off, or use a genaug_cnn_* or timm ResNet architecture")
+        kwargs = {"zero_init_last": zero_init_last} if takes_zero_init else {}
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as exc:
-        raise ConfigError(f"unknown timm architecture {name!r} ({exc})", where="arch", fix=fix) from None
+        raise ConfigError(f"unknown timm architecture {name!r} ({exc})", where="arch",
+                          fix="use auto, genaug_cnn_small, resnet18, resnet50 or another timm model name") from None
 
 
 def head_parameter_names(model: torch.nn.Module) -> set[str]:

@@ -143,12 +143,12 @@ def _create_model(arch: str, num_classes: int, zero_init_last: bool = True) -> t
 
     from ..evaluate.backbones import takes_zero_init_last  # (importing it registers genaug_cnn_* in timm)
 
-    fix = "use genaug_cnn_small, genaug_cnn_tiny or a timm model name"
     try:  # timm's "Unknown model" is a RuntimeError
         kwargs = {"zero_init_last": zero_init_last} if takes_zero_init_last(arch) else {}
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as exc:
-        raise ModelError(f"cannot build oracle architecture {arch!r} ({exc})", fix=fix) from None
+        raise ModelError(f"cannot build oracle architecture {arch!r} ({exc})",
+                         fix="use genaug_cnn_small, genaug_cnn_tiny or a timm model name") from None
 
 
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
