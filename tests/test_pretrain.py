@@ -41,6 +41,11 @@ def test_pretrain_tiny_family_end_to_end(tiny_world, tmp_path):
     pipe = load_pipeline(str(out / "generator"), device="cpu")
     assert type(pipe).__name__ == "StableUnCLIPImg2ImgPipeline"
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    # The precision the towers and the oracle actually trained at (bf16 only where native) is on record.
+    clip_precision = json.loads((out / "clip" / "genaug_dual_encoder.json").read_text())["result"]["precision"]
+    oracle_precision = json.loads((out / "oracle" / "config.json").read_text())["precision"]
+    assert {clip_precision, oracle_precision} <= {"float32", "bfloat16"}
+    assert f"| training precision | {clip_precision} |" in (out / "clip" / "MODEL_CARD.md").read_text()
 
     # A rerun finds every model stage complete and only re-measures.
     again = pretrain(PretrainConfig(world=str(tiny_world), output=str(out), **TINY))
@@ -54,3 +59,18 @@ def test_pretrain_rejects_bad_sub_configs(tiny_world, tmp_path):
         pretrain(PretrainConfig(world=str(tiny_world), output=str(tmp_path / "x"), clip={"stepz": 1}))
     with pytest.raises(ValueError, match="unknown stage"):
         PretrainConfig(stages=["nope"])
+
+
+def test_autoencoder_trains_at_any_step_count():
+    # OneCycleLR divides by pct_start * total_steps - 1, which the default warmup made 0 at 20 steps.
+    import torch
+
+    from genaug.pretrain.data import ImageSplit
+    from genaug.pretrain.diffusion import GeneratorConfig, train_vae
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    pool = ImageSplit(images, torch.zeros(8, dtype=torch.long), [""] * 8, ["a"], [{}] * 8)
+    for steps in (1, 20):
+        cfg = GeneratorConfig(vae_steps=steps, vae_batch_size=2, vae_channels=[8, 8])
+        vae = train_vae(cfg, pool, progress=False)
+        assert torch.isfinite(torch.tensor(vae.config.scaling_factor))

@@ -121,6 +121,9 @@ class DualEncoderResult:
     logit_scale: float
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    # What the towers computed in: `bf16` is honoured only where the hardware computes bf16 natively,
+    # so the same config trains at different precision (and to different weights) on other CPUs.
+    precision: str = "float32"
 
 
 # --------------------------------------------------------------------------- model
@@ -499,7 +502,8 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
     result = DualEncoderResult(out_dir=str(out_dir), steps=cfg.steps, seconds=round(train_seconds, 2),
                                num_parameters=count_parameters(model), final_loss=history[-1][1] if history else
                                float("nan"), logit_scale=float(model.logit_scale.detach().exp()), loss_history=history,
-                               eval_metrics=metrics)
+                               eval_metrics=metrics,
+                               precision="bfloat16" if cfg.bf16 and native_bf16(device) else "float32")
     save_dual_encoder(model, tokenizer, out_dir, cfg, result)
     return result
 

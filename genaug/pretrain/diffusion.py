@@ -86,7 +86,11 @@ def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True, dev
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg, pool.images.shape[-1]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    pct_start = 0.05
+    if math.isclose(pct_start * cfg.vae_steps, 1.0):  # OneCycleLR divides by pct_start * steps - 1 (20 steps)
+        pct_start = 0.06
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=cfg.vae_steps,
+                                                pct_start=pct_start)
     vae.train()
     bar = tqdm(range(cfg.vae_steps), desc="pretrain:vae", disable=not progress, dynamic_ncols=True)
     for step in bar:

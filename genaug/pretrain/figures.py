@@ -187,6 +187,15 @@ def _training_seconds(out: Path) -> dict[str, float]:
     return seconds
 
 
+def _recorded_precision(record: Path, *keys: str) -> str:
+    """The precision a model trained at, from its record (written since 2026-12-02: `bf16` autocast
+    runs only where the hardware computes bf16 natively, so it depends on the machine)."""
+    value: Any = json.loads(record.read_text()) if record.is_file() else {}
+    for key in keys:
+        value = value.get(key, {}) if isinstance(value, dict) else {}
+    return value if isinstance(value, str) else "not recorded"
+
+
 def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
     """A card per model plus one for the family: config, data, seed, time, figures, samples."""
     import yaml
@@ -194,6 +203,8 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
     from ..config import config_to_dict
 
     d, g, o = figures.get("dual_encoder", {}), figures.get("generator", {}), figures.get("oracle", {})
+    clip_precision = _recorded_precision(out / "clip" / "genaug_dual_encoder.json", "result", "precision")
+    oracle_precision = _recorded_precision(out / "oracle" / "config.json", "precision")
     secs = figures.get("training_seconds", {})
     device = figures.get("device", "cpu")
     common = (f"Trained by genaug on the procedural world in `{cfg.world}` (made by `genaug world`), seed "
@@ -211,7 +222,8 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
             f"| zero-shot top-1, drawable classes only | {d.get('zero_shot_top1_drawable_classes')} |\n"
             f"| text→image recall@10 ({d.get('recall_candidates')} held-out pool images) | "
             f"{d.get('text_to_image_recall_at_10')} |\n"
-            f"| training seconds | {secs.get('clip')} |\n"),
+            f"| training seconds | {secs.get('clip')} |\n"
+            f"| training precision | {clip_precision} |\n"),
         out / "generator" / "MODEL_CARD.md": (
             "# genaug embedded generator (SD 2.1-unCLIP layout)\n\n" + common +
             "\nA stock diffusers `StableUnCLIPImg2ImgPipeline` folder: `AutoencoderKL` (32 px → 16×16×4), "
@@ -234,7 +246,8 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
             "# genaug embedded oracle classifier\n\n" + common +
             "\nTrained on the world's large balanced `oracle/` sample; used only to judge generated images.\n\n"
             f"| figure | value |\n|---|---|\n| test top-1 | {o.get('test_top1')} |\n"
-            f"| training seconds | {secs.get('oracle')} |\n"),
+            f"| training seconds | {secs.get('oracle')} |\n"
+            f"| training precision | {oracle_precision} |\n"),
     }
     for path, text in cards.items():
         atomic_write_text(path, text)
