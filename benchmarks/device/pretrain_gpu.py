@@ -12,8 +12,9 @@ GPU image lacks travel as wheels (``benchmarks/device/fetch_wheels.sh``, run her
 
     # here, once per checkout
     bash benchmarks/device/fetch_wheels.sh
-    python benchmarks/device/pretrain_gpu.py --device cpu --world worlds/default --batch-scale 1 \
-        --deadline-s 400 --out /tmp/gpu-dry --pretrain-set eval_images_per_class=2  # dry run, not a result
+    python benchmarks/device/pretrain_gpu.py --device cpu --world worlds/default --batch-scale 1 \\
+        --deadline-s 1200 --reserve-s 1100 --out /tmp/gpu-dry \\
+        --pretrain-set eval_images_per_class=2 --pretrain-set eval_steps=5  # dry run (~13 min), not a result
     # one device call: carry [".whl"], timeout_s 600
     bash benchmarks/device/pretrain_gpu.sh
     # back here: unpack and compare with the shipped family
@@ -50,7 +51,7 @@ def _sync(device: torch.device) -> None:
 
 def calibrate(world: Path, base: dict, device: torch.device, work: Path) -> dict[str, float]:
     """Seconds per step of each model on ``device``: two short runs, so fixed costs cancel."""
-    from genaug.pretrain.clip import build_image_processor, export_encoders, train_dual_encoder
+    from genaug.pretrain.clip import build_image_processor, export_encoders, load_dual_encoder, train_dual_encoder
     from genaug.pretrain.data import load_split
     from genaug.pretrain.diffusion import GeneratorConfig, train_generator
     from genaug.pretrain.run import PretrainConfig, _tokenizer_corpus
@@ -74,9 +75,7 @@ def calibrate(world: Path, base: dict, device: torch.device, work: Path) -> dict
         train_dual_encoder(clip_cfg, pool, tokenizer, work / f"clip-{run}", device=device)
         _sync(device)
         times["clip"].append(time.perf_counter() - t0)
-        if model is None:
-            from genaug.pretrain.clip import load_dual_encoder
-
+        if model is None:  # the generator's calibration runs both read the first run's towers
             model, tokenizer = load_dual_encoder(work / "clip-0")
         text_encoder, image_encoder = export_encoders(model)
         gen_cfg = config_from_dict(GeneratorConfig, {**base.get("generator", {}), "vae_steps": counts["vae"][run],
@@ -176,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         config[key] = yaml.safe_load(value)
     config_path = args.out / "pretrain_gpu.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    (args.out / "calibration.json").write_text(json.dumps({"batch_scale": args.batch_scale, "seconds_per_step": per_step,
-                                                           "train_seconds": train_seconds,
-                                                           "steps_vs_recipe": step_ratio}, indent=1))
+    calibration = {"batch_scale": args.batch_scale, "seconds_per_step": per_step, "train_seconds": train_seconds,
+                   "steps_vs_recipe": step_ratio}
+    (args.out / "calibration.json").write_text(json.dumps(calibration, indent=1))
     print(f"[pretrain_gpu] training budget {train_seconds:.0f} s: {json.dumps(config['clip'])} "
           f"{json.dumps(config['generator'])}", flush=True)
     # The shipped oracle judges the new family, so its figures compare with the shipped ones.
