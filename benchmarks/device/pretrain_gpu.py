@@ -88,19 +88,24 @@ def calibrate(world: Path, base: dict, device: torch.device, work: Path) -> dict
     return {name: max(1e-4, (t[1] - t[0]) / (counts[name][1] - counts[name][0])) for name, t in times.items()}
 
 
+def _model_configs(base: dict):
+    """The recipe's resolved dual-encoder and generator configs (defaults filled in, values checked)."""
+    from genaug.config import config_from_dict
+    from genaug.pretrain.run import PretrainConfig
+
+    resolved = config_from_dict(PretrainConfig, base, source="pretrain config")
+    return resolved.clip_config(), resolved.generator_config()
+
+
 def with_batch_scale(base: dict, scale: int) -> dict:
     """The recipe with every batch ``scale`` times larger, learning rates unchanged.
 
     Models this small leave a GPU idle at the CPU recipe's batches (a step costs about the same at
     4x the rows), so more images per second come from larger batches before more steps.
     """
-    from genaug.config import config_from_dict
-    from genaug.pretrain.run import PretrainConfig
-
     if scale == 1:
         return base
-    resolved = config_from_dict(PretrainConfig, base, source="pretrain config")
-    clip_cfg, gen_cfg = resolved.clip_config(), resolved.generator_config()
+    clip_cfg, gen_cfg = _model_configs(base)
     return {**base, "clip": {**base.get("clip", {}), "batch_size": clip_cfg.batch_size * scale},
             "generator": {**base.get("generator", {}), "vae_batch_size": gen_cfg.vae_batch_size * scale,
                           "unet_batch_size": gen_cfg.unet_batch_size * scale}}
@@ -112,11 +117,7 @@ def scaled_config(base: dict, per_step: dict[str, float], train_seconds: float) 
     Returns the config and each model's steps as a multiple of the recipe's (below 1 means the
     budget bought fewer steps than the CPU recipe: a warning, not a result to ship).
     """
-    from genaug.config import config_from_dict
-    from genaug.pretrain.run import PretrainConfig
-
-    resolved = config_from_dict(PretrainConfig, base, source="pretrain config")
-    clip_cfg, gen_cfg = resolved.clip_config(), resolved.generator_config()
+    clip_cfg, gen_cfg = _model_configs(base)
     old = {"clip": clip_cfg.steps, "vae": gen_cfg.vae_steps, "unet": gen_cfg.unet_steps}
     new = {name: max(10, int(SHARES[name] * train_seconds / per_step[name])) for name in SHARES}
     clip = {**base.get("clip", {}), "steps": new["clip"],

@@ -269,6 +269,11 @@ def bf16_autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
 
 
+def autocast_precision(enabled: bool, device: torch.device) -> str:
+    """What :func:`bf16_autocast` computes in on ``device``: "bfloat16" or "float32" (for run records)."""
+    return "bfloat16" if enabled and native_bf16(device) else "float32"
+
+
 def contrastive_loss(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, bf16: bool = False,
                      negative_ids: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE loss (see :func:`contrastive_loss_and_embeds`)."""
@@ -503,7 +508,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
                                num_parameters=count_parameters(model), final_loss=history[-1][1] if history else
                                float("nan"), logit_scale=float(model.logit_scale.detach().exp()), loss_history=history,
                                eval_metrics=metrics,
-                               precision="bfloat16" if cfg.bf16 and native_bf16(device) else "float32")
+                               precision=autocast_precision(cfg.bf16, device))
     save_dual_encoder(model, tokenizer, out_dir, cfg, result)
     return result
 
@@ -546,4 +551,4 @@ __all__ = ["DualEncoderConfig", "DualEncoderResult", "build_dual_encoder", "trai
            "random_rotate90", "contrastive_loss", "contrastive_loss_and_embeds", "attribute_targets",
            "attribute_swapped_caption", "hard_negative_captions", "tokenize_captions", "count_parameters",
            "param_groups",
-           "bf16_autocast", "native_bf16"]
+           "autocast_precision", "bf16_autocast", "native_bf16"]

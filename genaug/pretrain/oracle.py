@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..artefacts import atomic_write_bytes, atomic_write_json, read_json_object
 from ..config import config_to_dict, option
 from ..errors import DataError, ModelError
-from .clip import bf16_autocast, native_bf16, param_groups, random_crop_flip, random_rotate90
+from .clip import autocast_precision, bf16_autocast, param_groups, random_crop_flip, random_rotate90
 from .data import CLIP_MEAN, CLIP_STD, ImageSplit
 
 ORACLE_FORMAT = "genaug-oracle"
@@ -246,8 +246,7 @@ def train_oracle(cfg: OracleConfig, train: ImageSplit, val: ImageSplit, out_dir:
     save_oracle(oracle, out_dir, cfg.arch, extra={"train_config": config_to_dict(cfg),
                                                   "val_accuracy": best_accuracy, "best_epoch": best_epoch,
                                                   "train_images": len(train), "seconds": seconds,
-                                                  "precision": "bfloat16" if cfg.bf16 and native_bf16(device)
-                                                  else "float32"})
+                                                  "precision": autocast_precision(cfg.bf16, device)})
     return result
 
 
