@@ -46,6 +46,13 @@ def test_pretrain_tiny_family_end_to_end(tiny_world, tmp_path):
     oracle_precision = json.loads((out / "oracle" / "config.json").read_text())["precision"]
     assert {clip_precision, oracle_precision} <= {"float32", "bfloat16"}
     assert f"| training precision | {clip_precision} |" in (out / "clip" / "MODEL_CARD.md").read_text()
+    generator_record = json.loads((out / "generator" / "genaug_generator.json").read_text())
+    assert generator_record["precision"] in {"float32", "bfloat16"}
+    assert generator_record["attention"] == "eager"  # `attention: auto` on the CPU
+    assert f"| training precision | {generator_record['precision']} |" in \
+        (out / "generator" / "MODEL_CARD.md").read_text()
+    # The shipped UNet keeps diffusers' default processors; eager attention was for training only.
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
 
     # A rerun finds every model stage complete and only re-measures.
     again = pretrain(PretrainConfig(world=str(tiny_world), output=str(out), **TINY))
@@ -74,3 +81,25 @@ def test_autoencoder_trains_at_any_step_count():
         cfg = GeneratorConfig(vae_steps=steps, vae_batch_size=2, vae_channels=[8, 8])
         vae = train_vae(cfg, pool, progress=False)
         assert torch.isfinite(torch.tensor(vae.config.scaling_factor))
+
+
+def test_unet_eager_attention_computes_what_sdpa_does():
+    # The CPU trains the UNet with diffusers' AttnProcessor (faster backward there); same gradients.
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from genaug.pretrain.diffusion import GeneratorConfig, build_unet
+
+    torch.manual_seed(0)
+    sdpa = build_unet(GeneratorConfig(unet_channels=[32, 32]), 8, 16, 8)
+    eager = build_unet(GeneratorConfig(unet_channels=[32, 32]), 8, 16, 8)
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_processor(AttnProcessor())
+    g = torch.Generator().manual_seed(1)
+    x, text, labels = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 16, generator=g), torch.randn(3, 16, generator=g)
+    for unet in (sdpa, eager):
+        unet(x, torch.tensor([1, 500, 999]), encoder_hidden_states=text, class_labels=labels).sample.square().mean().backward()
+    for (name, a), (_, b) in zip(sdpa.named_parameters(), eager.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    with pytest.raises(ValueError, match="attention must be one of"):
+        GeneratorConfig(attention="flash")

@@ -261,3 +261,19 @@ def test_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
     assert not clip.native_bf16(torch.device("cpu"))  # oneDNN would emulate it, ~2x slower
     monkeypatch.setattr(clip, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert clip.native_bf16(torch.device("cpu"))
+
+
+def test_eager_attention_trains_the_same_model_as_sdpa(tmp_path, toy, tokenizer):
+    # `attention: auto` trains with eager attention on the CPU for speed; it is the same arithmetic
+    # up to float rounding, and the saved model runs with transformers' default kernel again.
+    runs = {kind: train_dual_encoder(tiny_config(steps=4, warmup_steps=1, bf16=False, attention=kind), toy, tokenizer,
+                                     tmp_path / kind) for kind in ("eager", "sdpa")}
+    assert runs["eager"].attention == "eager" and runs["sdpa"].attention == "sdpa"
+    eager, _ = load_dual_encoder(tmp_path / "eager")
+    sdpa, _ = load_dual_encoder(tmp_path / "sdpa")
+    for (name, a), (_, b) in zip(eager.state_dict().items(), sdpa.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-4), name
+    assert eager.config._attn_implementation == "sdpa"
+    assert train_dual_encoder(tiny_config(steps=1, warmup_steps=0), toy, tokenizer, tmp_path / "auto").attention == "eager"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        tiny_config(attention="flash")

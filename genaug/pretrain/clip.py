@@ -70,6 +70,9 @@ class DualEncoderConfig:
                                          "flip-invariant)")
     bf16: bool = option(True, "train under bfloat16 autocast where the CPU or GPU computes bf16 natively "
                               "(weights and the loss stay float32); ignored elsewhere")
+    attention: str = option("auto", "attention kernel while training: eager, sdpa, or auto (eager on the CPU, "
+                                    "where PyTorch's fused SDPA backward costs over 10x its forward at these "
+                                    "17-20 token sequences; sdpa elsewhere); the saved model loads with the default")
     seed: int = option(0, "seed of initialization, batch order and augmentation")
     progress: bool = option(True, "show a progress bar with the loss")
 
@@ -107,6 +110,8 @@ class DualEncoderConfig:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
 
 
 @dataclass
@@ -124,6 +129,7 @@ class DualEncoderResult:
     # What the towers computed in: `bf16` is honoured only where the hardware computes bf16 natively,
     # so the same config trains at different precision (and to different weights) on other CPUs.
     precision: str = "float32"
+    attention: str = "sdpa"  # the attention kernel training ran ("auto" resolved)
 
 
 # --------------------------------------------------------------------------- model
@@ -266,7 +272,23 @@ def _cpu_flags() -> set[str]:
 
 def bf16_autocast(enabled: bool, device: torch.device):
     """A bfloat16 autocast context when asked for and native on ``device``, else a no-op context."""
+    device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
+
+
+ATTENTION_CHOICES = ("auto", "eager", "sdpa")
+
+
+def training_attention(choice: str, device: torch.device) -> str:
+    """The attention kernel to train with: ``choice``, with "auto" resolved for ``device``.
+
+    On the CPU, PyTorch's fused SDPA backward is far slower than plain matmul attention at the
+    embedded models' short sequences (measured in ``benchmarks/pretrain_step_costs.py``); on a GPU
+    the fused kernels win.
+    """
+    if choice == "auto":
+        return "eager" if torch.device(device).type == "cpu" else "sdpa"
+    return choice
 
 
 def autocast_precision(enabled: bool, device: torch.device) -> str:
@@ -430,6 +452,8 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     device = torch.device(device)
     model.to(device)
+    attention = training_attention(cfg.attention, device)
+    model.set_attn_implementation(attention)
     input_ids, lengths = tokenize_captions(tokenizer, pool.captions, cfg.max_text_length)
     negatives = hard_negative_captions(pool, cfg.seed) if cfg.hard_negatives else None
     if negatives is not None:
@@ -492,6 +516,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
             bar.set_postfix(loss=f"{smoothed:.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}", refresh=False)
     bar.close()
     model.to("cpu").eval()
+    model.set_attn_implementation("sdpa")  # what a user's from_pretrained gives; evaluation runs as they will
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, float] = {}
@@ -508,7 +533,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
                                num_parameters=count_parameters(model), final_loss=history[-1][1] if history else
                                float("nan"), logit_scale=float(model.logit_scale.detach().exp()), loss_history=history,
                                eval_metrics=metrics,
-                               precision=autocast_precision(cfg.bf16, device))
+                               precision=autocast_precision(cfg.bf16, device), attention=attention)
     save_dual_encoder(model, tokenizer, out_dir, cfg, result)
     return result
 
@@ -551,4 +576,4 @@ __all__ = ["DualEncoderConfig", "DualEncoderResult", "build_dual_encoder", "trai
            "random_rotate90", "contrastive_loss", "contrastive_loss_and_embeds", "attribute_targets",
            "attribute_swapped_caption", "hard_negative_captions", "tokenize_captions", "count_parameters",
            "param_groups",
-           "autocast_precision", "bf16_autocast", "native_bf16"]
+           "autocast_precision", "bf16_autocast", "native_bf16", "training_attention", "ATTENTION_CHOICES"]

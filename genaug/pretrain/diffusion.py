@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import list_checkpoints, load_training_state, save_training_state, step_generator
 from ..config import option
+from .clip import ATTENTION_CHOICES, autocast_precision, bf16_autocast, training_attention
 from .data import ImageSplit, clip_normalize, to_unit
 
 
@@ -53,6 +54,12 @@ class GeneratorConfig:
     p_drop_image: float = option(0.5, "probability of training with the null image condition")
     max_image_noise_level: int = option(1000, "image-embedding noise augmentation levels are drawn below this")
     checkpoint_every: int = option(1000, "save a resumable checkpoint every N UNet steps")
+    bf16: bool = option(True, "train the autoencoder and the UNet under bfloat16 autocast where the CPU or GPU "
+                              "computes bf16 natively (weights, EMA and losses stay float32); ignored elsewhere")
+    attention: str = option("auto", "UNet attention kernel while training: eager (diffusers' AttnProcessor), "
+                                     "sdpa (AttnProcessor2_0), or auto (eager on the CPU, where PyTorch's SDPA "
+                                     "backward is slow and slower still under bf16; sdpa elsewhere); the saved "
+                                     "UNet loads with diffusers' default")
     seed: int = option(0, "seed of every random draw")
 
     def __post_init__(self) -> None:
@@ -66,6 +73,8 @@ class GeneratorConfig:
                 raise ValueError(f"{name} must be a probability")
         if not 0 < self.ema_decay < 1:
             raise ValueError("ema_decay must be in (0, 1)")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
 
 
 # ---------------------------------------------------------------------------- autoencoder
@@ -97,9 +106,11 @@ def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True, dev
         g = step_generator(cfg.seed + 17, step)
         idx = torch.randint(0, len(pool), (cfg.vae_batch_size,), generator=g)
         x = to_unit(pool.images[idx]).to(device)
-        dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)
-        rec = vae.decode(z).sample
+        with bf16_autocast(cfg.bf16, device):
+            dist = vae.encode(x).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(device)
+            rec = vae.decode(z).sample.float()
+        dist = type(dist)(dist.parameters.float())  # the KL in float32 (its logvar is clamped, exp'd)
         kl = dist.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -200,6 +211,8 @@ class GeneratorTrainResult:
     vae_seconds: float
     unet_seconds: float
     final_loss: float
+    precision: str = "float32"  # what autocast computed in (bf16 only where native: depends on the machine)
+    attention: str = "sdpa"  # the UNet's attention kernel while training
 
 
 def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_encoder, tokenizer,
@@ -240,7 +253,12 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
     # 3. UNet + EMA.
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, latents.shape[-1], text_states.shape[-1], embed_dim).to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    ema = copy.deepcopy(unet).requires_grad_(False)  # keeps diffusers' default processors: it is what ships
+    attention = training_attention(cfg.attention, device)
+    if attention == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
     params = dict(unet.named_parameters())
     ema_params = dict(ema.named_parameters())
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
@@ -280,9 +298,10 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
         labels[drop_image] = 0.0
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        pred = unet(xt.to(device), t.to(device), encoder_hidden_states=text.to(device),
-                    class_labels=labels.to(device)).sample
-        loss = F.mse_loss(pred, noise.to(device))
+        with bf16_autocast(cfg.bf16, device):
+            pred = unet(xt.to(device), t.to(device), encoder_hidden_states=text.to(device),
+                        class_labels=labels.to(device)).sample
+        loss = F.mse_loss(pred.float(), noise.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -311,4 +330,4 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
     pipe.set_progress_bar_config(disable=True)
     return GeneratorTrainResult(pipe, round(psnr, 2), sum(p.numel() for p in ema.parameters()),
                                 sum(p.numel() for p in vae.parameters()), round(vae_seconds, 1),
-                                round(unet_seconds, 1), loss_ema)
+                                round(unet_seconds, 1), loss_ema, autocast_precision(cfg.bf16, device), attention)

@@ -205,6 +205,7 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
     d, g, o = figures.get("dual_encoder", {}), figures.get("generator", {}), figures.get("oracle", {})
     clip_precision = _recorded_precision(out / "clip" / "genaug_dual_encoder.json", "result", "precision")
     oracle_precision = _recorded_precision(out / "oracle" / "config.json", "precision")
+    generator_precision = _recorded_precision(out / "generator" / "genaug_generator.json", "precision")
     secs = figures.get("training_seconds", {})
     device = figures.get("device", "cpu")
     common = (f"Trained by genaug on the procedural world in `{cfg.world}` (made by `genaug world`), seed "
@@ -240,7 +241,8 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
             f"| FID / KID real val vs real test (reference) | {g.get('fid_real_val_vs_test')} / "
             f"{g.get('kid_real_val_vs_test')} |\n"
             f"| guidance, steps | {g.get('guidance_scale')}, {g.get('steps')} |\n"
-            f"| training seconds (VAE, UNet) | {secs.get('generator_vae')}, {secs.get('generator_unet')} |\n\n"
+            f"| training seconds (VAE, UNet) | {secs.get('generator_vae')}, {secs.get('generator_unet')} |\n"
+            f"| training precision | {generator_precision} |\n\n"
             "Per-class samples: `../samples/`.\n"),
         out / "oracle" / "MODEL_CARD.md": (
             "# genaug embedded oracle classifier\n\n" + common +

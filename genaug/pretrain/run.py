@@ -176,6 +176,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             "format": "genaug-generator", "config": config_to_dict(gen_cfg), "vae_psnr": result.vae_psnr,
             "unet_parameters": result.unet_parameters, "vae_parameters": result.vae_parameters,
             "vae_seconds": result.vae_seconds, "unet_seconds": result.unet_seconds, "final_loss": result.final_loss,
+            "precision": result.precision, "attention": result.attention,
             "recommended": {"guidance_scale": cfg.eval_guidance_scale, "num_inference_steps": cfg.eval_steps},
         })
         if gen_dir.exists():
