@@ -25,14 +25,9 @@ from genaug.evaluate.metrics import clip_image_features
 from genaug.pretrain.clip import load_dual_encoder
 from genaug.pretrain.data import load_split
 
+from embedded_diagnostics import WORD_PAIRS  # the same prompt pairs; benchmarks/ is on sys.path
+
 ATTRIBUTES = ("shape", "pattern", "colour", "background")
-WORD_PAIRS = {
-    "circle/square": ("a photo of a plain circle", "a photo of a plain square"),
-    "circle/triangle": ("a photo of a plain circle", "a photo of a plain triangle"),
-    "plain/striped": ("a photo of a plain circle", "a photo of a striped circle"),
-    "red/blue": ("a red circle on grass", "a blue circle on grass"),
-    "grass/water": ("a red circle on grass", "a red circle on water"),
-}
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
