@@ -96,9 +96,10 @@ def test_unet_eager_attention_computes_what_sdpa_does():
     eager.load_state_dict(sdpa.state_dict())
     eager.set_attn_processor(AttnProcessor())
     g = torch.Generator().manual_seed(1)
-    x, text, labels = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 16, generator=g), torch.randn(3, 16, generator=g)
+    x, text, labels = (torch.randn(shape, generator=g) for shape in ((3, 4, 8, 8), (3, 5, 16), (3, 16)))
     for unet in (sdpa, eager):
-        unet(x, torch.tensor([1, 500, 999]), encoder_hidden_states=text, class_labels=labels).sample.square().mean().backward()
+        out = unet(x, torch.tensor([1, 500, 999]), encoder_hidden_states=text, class_labels=labels).sample
+        out.square().mean().backward()
     for (name, a), (_, b) in zip(sdpa.named_parameters(), eager.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     with pytest.raises(ValueError, match="attention must be one of"):

@@ -274,6 +274,7 @@ def test_eager_attention_trains_the_same_model_as_sdpa(tmp_path, toy, tokenizer)
     for (name, a), (_, b) in zip(eager.state_dict().items(), sdpa.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-4), name
     assert eager.config._attn_implementation == "sdpa"
-    assert train_dual_encoder(tiny_config(steps=1, warmup_steps=0), toy, tokenizer, tmp_path / "auto").attention == "eager"
+    auto = train_dual_encoder(tiny_config(steps=1, warmup_steps=0), toy, tokenizer, tmp_path / "auto")
+    assert auto.attention == "eager"
     with pytest.raises(ValueError, match="attention must be one of"):
         tiny_config(attention="flash")

@@ -452,6 +452,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     device = torch.device(device)
     model.to(device)
+    default_attention = model.config._attn_implementation
     attention = training_attention(cfg.attention, device)
     model.set_attn_implementation(attention)
     input_ids, lengths = tokenize_captions(tokenizer, pool.captions, cfg.max_text_length)
@@ -516,7 +517,7 @@ def train_dual_encoder(cfg: DualEncoderConfig, pool: ImageSplit, tokenizer, out_
             bar.set_postfix(loss=f"{smoothed:.3f}", T=f"{1 / model.logit_scale.exp().item():.3f}", refresh=False)
     bar.close()
     model.to("cpu").eval()
-    model.set_attn_implementation("sdpa")  # what a user's from_pretrained gives; evaluation runs as they will
+    model.set_attn_implementation(default_attention)  # what from_pretrained gives: evaluate as users will run it
     train_seconds = time.perf_counter() - started
 
     metrics: dict[str, float] = {}
