@@ -25,7 +25,7 @@ from genaug.evaluate.metrics import clip_image_features
 from genaug.pretrain.clip import load_dual_encoder
 from genaug.pretrain.data import load_split
 
-from embedded_diagnostics import WORD_PAIRS  # the same prompt pairs; benchmarks/ is on sys.path
+from embedded_diagnostics import WORD_PAIRS, token_ids  # the same prompts, padded the same way
 
 ATTRIBUTES = ("shape", "pattern", "colour", "background")
 
@@ -53,8 +53,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 def word_cosines(model, tokenizer) -> dict[str, float]:
     out = {}
     for name, (first, second) in WORD_PAIRS.items():
-        ids = tokenizer([first, second], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = token_ids(tokenizer, [first, second])
         token = int((ids[0] != ids[1]).nonzero()[0])
         with torch.no_grad():
             states = model.text_model(input_ids=ids).last_hidden_state
