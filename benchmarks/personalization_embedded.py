@@ -10,6 +10,12 @@
    that concept's reference images, oracle-feature similarity), and both together.
 
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization
+    # LoRA on every UNet layer (LoCon), longer, LoRA only:
+    python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization-locon \
+        --methods lora --lora-targets all --lora-rank 16 --lora-steps 1200
+    # the same with DreamBooth's prior preservation:
+    python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization-locon-prior \
+        --methods lora --lora-targets all --lora-rank 16 --lora-steps 1200 --lora-prior
 """
 
 from __future__ import annotations
@@ -28,6 +34,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=16, help="samples per prompt")
     parser.add_argument("--classes", nargs="*", default=None, help="novel classes (default: all)")
+    parser.add_argument("--methods", default="lora,ti,disendiff", help="which of lora, ti, disendiff to run")
+    parser.add_argument("--lora-targets", default="attention", choices=["attention", "all"],
+                        help="UNet layers with LoRA (train-lora --unet-targets)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-steps", type=int, default=None, help="default: --steps")
+    parser.add_argument("--lora-prior", action="store_true",
+                        help="prior preservation: 50 base-model images of 'a photo of a <class>'")
     args = parser.parse_args()
 
     from genaug.artefacts import DatasetWriter, read_dataset
@@ -40,6 +53,7 @@ def main() -> None:
     info = json.loads((world / "world.json").read_text())
     novel = [c["name"] for c in info["benchmark"]["classes"] if c.get("novel_concept")]
     bench = read_dataset(world / "bench", "train")
+    methods = set(args.methods.split(","))
     results: dict = {"lora": {}, "ti": {}, "disendiff": {}}
     for name in args.classes or novel:
         label = bench.class_names.index(name)
@@ -50,20 +64,25 @@ def main() -> None:
                 if f"ref-{i}" not in writer.done_ids:
                     writer.add(f"ref-{i}", bench.image(i), 0)
         slug = name.replace(" ", "-")
-        t0 = time.time()
-        train_lora(LoraTrainConfig(model="embedded", instance_data=str(data), instance_prompt=f"a photo of a sks {name}",
-                                   output=str(out / "lora" / slug), max_train_steps=args.steps, learning_rate=1e-3,
-                                   rank=8, train_batch_size=4, device="cpu"))
-        lora_seconds = time.time() - t0
-        t0 = time.time()
-        train_textual_inversion(TextualInversionConfig(model="embedded", instance_data=str(data),
-                                                       placeholder_token=f"<{slug}>", initializer_token="shape",
-                                                       num_vectors=2, output=str(out / "ti" / slug),
-                                                       max_train_steps=args.steps, device="cpu"))
-        ti_seconds = time.time() - t0
+        trained = []
+        if "lora" in methods:
+            t0 = time.time()
+            train_lora(LoraTrainConfig(model="embedded", instance_data=str(data),
+                                       instance_prompt=f"a photo of a sks {name}", output=str(out / "lora" / slug),
+                                       max_train_steps=args.lora_steps or args.steps, learning_rate=1e-3,
+                                       rank=args.lora_rank, unet_targets=args.lora_targets, train_batch_size=4,
+                                       with_prior_preservation=args.lora_prior, class_prompt=f"a photo of a {name}",
+                                       device="cpu"))
+            trained.append(("lora", out / "lora" / slug, f"sks {name}", time.time() - t0))
+        if "ti" in methods:
+            t0 = time.time()
+            train_textual_inversion(TextualInversionConfig(model="embedded", instance_data=str(data),
+                                                           placeholder_token=f"<{slug}>", initializer_token="shape",
+                                                           num_vectors=2, output=str(out / "ti" / slug),
+                                                           max_train_steps=args.steps, device="cpu"))
+            trained.append(("ti", out / "ti" / slug, f"<{slug}>", time.time() - t0))
         contexts = ["a photo of a {} on grass", "a photo of a {} in the sky"]
-        for kind, adapter, words, seconds in (("lora", out / "lora" / slug, f"sks {name}", lora_seconds),
-                                              ("ti", out / "ti" / slug, f"<{slug}>", ti_seconds)):
+        for kind, adapter, words, seconds in trained:
             prompts = [f"a photo of a {words}"] + [c.format(words) for c in contexts]
             report = evaluate_personalization(EvalPersonalizationConfig(
                 model="embedded", adapters=[str(adapter)], references=str(data), prompts=prompts, placeholder=words,
@@ -72,6 +91,10 @@ def main() -> None:
             results[kind][name] = {**report.scores, "train_seconds": round(seconds, 1)}
             print(kind, name, json.dumps(report.scores), flush=True)
 
+    if "disendiff" not in methods:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+        return
     # DisenDiff on the first two-concept image, with and without calibration.
     pairs = read_dataset(world / "novel-pairs")
     first = pairs.records[0]

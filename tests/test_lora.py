@@ -91,3 +91,29 @@ def test_text_encoder_lora_trains_and_loads(kit, shape_images, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(kit("sd15")), use_safetensors=True)
     pipe.load_lora_weights(str(tmp_path / "te"))
     assert any("lora" in n for n, _ in pipe.text_encoder.named_parameters())
+
+
+def test_locon_adapter_on_every_unet_layer_loads_whole_in_stock_diffusers(kit, shape_images, tmp_path):
+    # unet_targets="all" adapts the convolutions too. Every layer in the file must come back on load:
+    # keys half-converted to the classic names would be dropped with only a warning.
+    result = train_lora(_cfg(kit, shape_images, tmp_path / "lora", unet_targets="all", max_train_steps=3,
+                             kohya_export=True))
+    tensors, _ = read_safetensors(result.weights)
+    layers = {k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k}
+    assert len(layers) == len(tensors) // 2
+    assert any(k.endswith("resnets.0.conv1") for k in layers) and any(k.endswith("attn2.to_k") for k in layers)
+    assert read_adapter_config(tmp_path / "lora")["unet_target_modules"][-1] == "conv_out"
+    kohya, _ = read_safetensors(tmp_path / "lora" / "kohya_lora.safetensors")
+    assert any("_resnets_0_conv1.lora_down.weight" in k for k in kohya) and all(k.startswith("lora_unet_") for k in kohya)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(kit("sd15")), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a photo of sks object", num_inference_steps=2, height=32, width=32, output_type="np")
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    loaded = {name for name, module in pipe.unet.named_modules() if hasattr(module, "lora_A") and module.lora_A}
+    assert {layer.removeprefix("unet.") for layer in layers} == loaded
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(after - before).max() > 1e-4
+    with pytest.raises(ValueError, match="unet_targets must be one of"):
+        _cfg(kit, shape_images, tmp_path / "x", unet_targets="convs")

@@ -75,3 +75,15 @@ def test_merge_needs_loras(two_loras, tmp_path):
         MergeLoraConfig(adapters=[str(two_loras[0])])
     with pytest.raises(ValueError, match="exactly two"):
         MergeLoraConfig(adapters=["a", "b", "c"], method="ziplora")
+
+
+def test_merge_rejects_a_locon_adapter_in_one_line(kit, two_loras, tmp_path):
+    from genaug.errors import ConfigError
+
+    locon = tmp_path / "locon"
+    train_lora(LoraTrainConfig(model=str(kit("sd15")), instance_data=str(two_loras[0].parent / "data0"),
+                               output=str(locon), unet_targets="all", max_train_steps=1, train_batch_size=2,
+                               device="cpu"))
+    with pytest.raises(ConfigError, match="attention-only LoRAs") as err:
+        merge_lora(MergeLoraConfig(adapters=[str(two_loras[0]), str(locon)], output=str(tmp_path / "merged")))
+    assert "\n" not in str(err.value) and not (tmp_path / "merged").exists()

@@ -104,3 +104,24 @@ def test_unet_eager_attention_computes_what_sdpa_does():
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
     with pytest.raises(ValueError, match="attention must be one of"):
         GeneratorConfig(attention="flash")
+
+
+def test_min_snr_loss_weights_each_item_by_min_snr_gamma_over_snr():
+    import torch
+    import torch.nn.functional as F
+
+    from genaug.pretrain.diffusion import GeneratorConfig, diffusion_loss, noise_schedulers
+
+    scheduler = noise_schedulers()[0]
+    g = torch.Generator().manual_seed(0)
+    pred, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([5, 400, 990])  # SNR far above 5, near 1, far below 1
+    assert torch.equal(diffusion_loss(pred, noise, t, scheduler), F.mse_loss(pred, noise))
+    alphas = scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    assert snr[0] > 5 > snr[2]
+    per_item = (pred - noise).square().mean(dim=(1, 2, 3))
+    expected = (per_item * torch.where(snr > 5, 5 / snr, torch.ones_like(snr))).mean()
+    assert torch.allclose(diffusion_loss(pred, noise, t, scheduler, snr_gamma=5.0), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="snr_gamma must be positive"):
+        GeneratorConfig(snr_gamma=0)

@@ -38,6 +38,11 @@ from .adapters import LORA_WEIGHTS, base_model_info
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# LoCon-style (kohya / LyCORIS): every projection and convolution of the UNet, not only attention.
+# A UNet that cannot yet draw a concept's shape needs its convolutions adapted to learn it.
+UNET_TARGETS_ALL = UNET_TARGETS + ["proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                                   "conv_shortcut", "time_emb_proj", "conv", "conv_in", "conv_out"]
+UNET_TARGET_PRESETS = {"attention": UNET_TARGETS, "all": UNET_TARGETS_ALL}
 
 
 @dataclass
@@ -56,6 +61,10 @@ class LoraTrainConfig:
     prior_loss_weight: float = option(1.0, "weight of the prior-preservation loss")
     rank: int = option(4, "LoRA rank")
     alpha: float | None = option(None, "LoRA alpha (default: equal to the rank, scale 1)")
+    unet_targets: Literal["attention", "all"] = option(
+        "attention", "UNet layers that get LoRA: attention (q/k/v/out, diffusers' DreamBooth-LoRA) or all "
+                     "(also the convolutions, feed-forwards and projections, kohya's LoCon); stock diffusers and "
+                     "kohya load both")
     train_text_encoder: bool = option(False, "also put LoRA on the text encoder's attention")
     learning_rate: float = option(1e-4, "AdamW learning rate")
     max_train_steps: int = option(200, "optimizer steps")
@@ -84,6 +93,8 @@ class LoraTrainConfig:
             raise ValueError("checkpointing_steps, validation_steps and num_class_images must be >= 0")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise ValueError("resolution must be a multiple of 8")
+        if self.unet_targets not in UNET_TARGET_PRESETS:
+            raise ValueError(f"unet_targets must be one of {', '.join(UNET_TARGET_PRESETS)}, got {self.unet_targets!r}")
 
 
 @dataclass
@@ -221,7 +232,8 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     # 2. LoRA layers (peft), seeded so two runs start from the same weights.
     torch.manual_seed(cfg.seed)
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+    unet_targets = UNET_TARGET_PRESETS[cfg.unet_targets]
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=unet_targets))
     if cfg.train_text_encoder:
         text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                             target_modules=TEXT_TARGETS))
@@ -311,14 +323,19 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
         return result
 
     # 4. Save in diffusers format (+ kohya on request), atomically.
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(unet)))
+    unet_sd = get_peft_model_state_dict(accelerator.unwrap_model(unet))
+    if cfg.unet_targets == "attention":
+        # The attention-only adapter keeps the classic diffusers key names (lora.down/up). That
+        # conversion knows only attention layers, so a LoCon adapter keeps peft's names (lora_A/B),
+        # which load_lora_weights reads as well; half-converted keys would be dropped on load.
+        unet_sd = convert_state_dict_to_diffusers(unet_sd)
     te_sd = (convert_state_dict_to_diffusers(get_peft_model_state_dict(accelerator.unwrap_model(text_encoder)))
              if cfg.train_text_encoder else None)
     weights = save_diffusers_lora(pipe, out, unet_sd, te_sd)
     adapter_config = {
         "type": "lora", "format": "diffusers", "base_model": cfg.model, **base_model_info(pipe), "rank": cfg.rank,
         "alpha": alpha,
-        "unet_target_modules": UNET_TARGETS, "text_encoder_target_modules": TEXT_TARGETS if cfg.train_text_encoder else [],
+        "unet_target_modules": unet_targets, "text_encoder_target_modules": TEXT_TARGETS if cfg.train_text_encoder else [],
         "instance_prompt": cfg.instance_prompt, "steps": cfg.max_train_steps, "final_loss": loss_value,
         "resolution": size, "config": config_to_dict(cfg),
     }

@@ -80,6 +80,11 @@ def _read_lora(folder: str) -> tuple[dict[str, torch.Tensor], float, dict]:
     if config.get("type") != "lora" and not config.get("lora_weights"):
         raise ConfigError(f"not a LoRA adapter (type {config.get('type')!r})", where=folder,
                           fix="give folders written by train-lora (or train-ti --pivotal)")
+    if (config.get("config") or {}).get("unet_targets", "attention") != "attention":
+        raise ConfigError("merge-lora merges attention-only LoRAs; this one also adapts the UNet's convolutions "
+                          "(unet_targets: all)", where=folder,
+                          fix="use it beside the others at inference with per-adapter weights, or retrain it with "
+                              "unet_targets: attention")
     tensors = read_lora(folder, config)
     if not any(k.endswith(DOWN) for k in tensors):
         raise ConfigError("no diffusers-format LoRA keys (*.lora.down.weight) in the adapter", where=folder)
