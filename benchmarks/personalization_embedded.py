@@ -91,41 +91,38 @@ def main() -> None:
             results[kind][name] = {**report.scores, "train_seconds": round(seconds, 1)}
             print(kind, name, json.dumps(report.scores), flush=True)
 
-    if "disendiff" not in methods:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(json.dumps(results, indent=2))
-        return
-    # DisenDiff on the first two-concept image, with and without calibration.
-    pairs = read_dataset(world / "novel-pairs")
-    first = pairs.records[0]
-    concepts = first["concepts"]
-    pair_dir = out / "data" / "pair"
-    with DatasetWriter(pair_dir, ["pair"]) as writer:
-        if "pair" not in writer.done_ids:
-            writer.add("pair", pairs.image(0), 0)
-    for variant, flags in (("calibrated", {}), ("uncalibrated", {"bind_loss": False, "separate_loss": False})):
-        folder = out / "disendiff" / variant
-        train_multiconcept(MultiConceptConfig(model="embedded", instance_data=str(pair_dir),
-                                              class_words=["shape", "shape"], prompt_template="a {0} beside a {1}",
-                                              max_train_steps=args.steps, output=str(folder), device="cpu",
-                                              attention_loss_weight=0.1, **flags))
-        scores = {}
-        for i, concept in enumerate(concepts):
-            refs = world / "novel" / concept.replace(" ", "-")
-            report = evaluate_personalization(EvalPersonalizationConfig(
-                model="embedded", adapters=[str(folder)], references=str(refs),
-                prompts=[f"a photo of a <new{i + 1}> shape"], placeholder=f"<new{i + 1}> shape", class_word=concept,
-                images_per_prompt=args.images, compare_base=False, output=str(out / "eval" / variant / f"c{i}"),
-                device="cpu"))
-            scores[concept] = report.scores["adapted"]
-        both = evaluate_personalization(EvalPersonalizationConfig(
-            model="embedded", adapters=[str(folder)], references=str(pair_dir),
-            prompts=["a photo of a <new1> shape beside a <new2> shape"], placeholder="<new1> shape beside a <new2>",
-            class_word=f"{concepts[0]} beside a", images_per_prompt=args.images, compare_base=False,
-            output=str(out / "eval" / variant / "both"), device="cpu"))
-        scores["together"] = both.scores["adapted"]
-        results["disendiff"][variant] = scores
-        print("disendiff", variant, json.dumps(scores), flush=True)
+    if "disendiff" in methods:
+        # DisenDiff on the first two-concept image, with and without calibration.
+        pairs = read_dataset(world / "novel-pairs")
+        first = pairs.records[0]
+        concepts = first["concepts"]
+        pair_dir = out / "data" / "pair"
+        with DatasetWriter(pair_dir, ["pair"]) as writer:
+            if "pair" not in writer.done_ids:
+                writer.add("pair", pairs.image(0), 0)
+        for variant, flags in (("calibrated", {}), ("uncalibrated", {"bind_loss": False, "separate_loss": False})):
+            folder = out / "disendiff" / variant
+            train_multiconcept(MultiConceptConfig(model="embedded", instance_data=str(pair_dir),
+                                                  class_words=["shape", "shape"], prompt_template="a {0} beside a {1}",
+                                                  max_train_steps=args.steps, output=str(folder), device="cpu",
+                                                  attention_loss_weight=0.1, **flags))
+            scores = {}
+            for i, concept in enumerate(concepts):
+                refs = world / "novel" / concept.replace(" ", "-")
+                report = evaluate_personalization(EvalPersonalizationConfig(
+                    model="embedded", adapters=[str(folder)], references=str(refs),
+                    prompts=[f"a photo of a <new{i + 1}> shape"], placeholder=f"<new{i + 1}> shape", class_word=concept,
+                    images_per_prompt=args.images, compare_base=False, output=str(out / "eval" / variant / f"c{i}"),
+                    device="cpu"))
+                scores[concept] = report.scores["adapted"]
+            both = evaluate_personalization(EvalPersonalizationConfig(
+                model="embedded", adapters=[str(folder)], references=str(pair_dir),
+                prompts=["a photo of a <new1> shape beside a <new2> shape"], placeholder="<new1> shape beside a <new2>",
+                class_word=f"{concepts[0]} beside a", images_per_prompt=args.images, compare_base=False,
+                output=str(out / "eval" / variant / "both"), device="cpu"))
+            scores["together"] = both.scores["adapted"]
+            results["disendiff"][variant] = scores
+            print("disendiff", variant, json.dumps(scores), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
