@@ -40,7 +40,9 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-steps", type=int, default=None, help="default: --steps")
     parser.add_argument("--lora-prior", action="store_true",
-                        help="prior preservation: 50 base-model images of 'a photo of a <class>'")
+                        help="prior preservation: 50 base-model images of --lora-class-prompt")
+    parser.add_argument("--lora-class-prompt", default="a photo of a {}",
+                        help="class prompt for --lora-prior; {} is the class name")
     args = parser.parse_args()
 
     from genaug.artefacts import DatasetWriter, read_dataset
@@ -71,7 +73,8 @@ def main() -> None:
                                        instance_prompt=f"a photo of a sks {name}", output=str(out / "lora" / slug),
                                        max_train_steps=args.lora_steps or args.steps, learning_rate=1e-3,
                                        rank=args.lora_rank, unet_targets=args.lora_targets, train_batch_size=4,
-                                       with_prior_preservation=args.lora_prior, class_prompt=f"a photo of a {name}",
+                                       with_prior_preservation=args.lora_prior,
+                                       class_prompt=args.lora_class_prompt.format(name),
                                        device="cpu"))
             trained.append(("lora", out / "lora" / slug, f"sks {name}", time.time() - t0))
         if "ti" in methods:
