@@ -181,6 +181,16 @@ def joint_pilot(pipe, oracle, class_names, drawable, pool, steps: int, text_lr: 
     return history
 
 
+def load_family(family: Path, world: Path):
+    """``(generator pipeline, oracle, bench test split, drawable class names)`` of a model family folder."""
+    pipe = load_pipeline(str(family / "generator"), device="cpu", dtype="float32")
+    pipe.set_progress_bar_config(disable=True)
+    oracle = load_oracle(family / "oracle")
+    test = load_split(world / "bench", "test", progress=False)
+    novel = set(_novel_classes(world, test.class_names))
+    return pipe, oracle, test, [n for n in test.class_names if n not in novel]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", default="worlds/default")
@@ -195,13 +205,7 @@ def main() -> None:
     parser.add_argument("--pilot-text-attributes", type=int, default=0, metavar="STEPS")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    family = Path(args.model) if args.model else EMBEDDED_ROOT
-    pipe = load_pipeline(str(family / "generator"), device="cpu", dtype="float32")
-    pipe.set_progress_bar_config(disable=True)
-    oracle = load_oracle(family / "oracle")
-    test = load_split(Path(args.world) / "bench", "test", progress=False)
-    novel = set(_novel_classes(Path(args.world), test.class_names))
-    drawable = [n for n in test.class_names if n not in novel]
+    pipe, oracle, test, drawable = load_family(Path(args.model) if args.model else EMBEDDED_ROOT, Path(args.world))
     t0 = time.time()
     report = {"vae": vae_check(pipe, oracle, test),
               "text_tower_cosine_by_layer": text_tower_check(pipe),

@@ -30,11 +30,8 @@ import torch
 import embedded_diagnostics as diag  # benchmarks/ is on sys.path when a script here runs
 from genaug.artefacts import read_dataset
 from genaug.models.embedded import EMBEDDED_ROOT
-from genaug.models.loading import load_pipeline
-from genaug.pretrain import diffusion
 from genaug.pretrain.data import load_split
-from genaug.pretrain.figures import _novel_classes
-from genaug.pretrain.oracle import load_oracle
+from genaug.pretrain.diffusion import GeneratorConfig, train_generator
 
 
 def main() -> None:
@@ -50,12 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     world, out = Path(args.world), Path(args.out)
-    pipe = load_pipeline(str(EMBEDDED_ROOT / "generator"), device="cpu", dtype="float32")
-    pipe.set_progress_bar_config(disable=True)
-    oracle = load_oracle(EMBEDDED_ROOT / "oracle")
-    test = load_split(world / "bench", "test", progress=False)
-    novel = set(_novel_classes(world, test.class_names))
-    drawable = [n for n in test.class_names if n not in novel]
+    pipe, oracle, test, drawable = diag.load_family(EMBEDDED_ROOT, world)
     pool = load_split(world / "pool", "train", progress=False)
     overrides = json.loads(args.generator)
     report: dict = {"separate_text_steps": args.separate_text, "generator": overrides}
@@ -68,16 +60,15 @@ def main() -> None:
     print(json.dumps(report), flush=True)
 
     # The shipped autoencoder, not a new one: the UNet is the only thing that changes.
-    shipped_vae = copy.deepcopy(pipe.vae)
-    diffusion.train_vae = lambda cfg, pool, progress=True, device="cpu": shipped_vae
-    cfg = diffusion.GeneratorConfig(unet_steps=args.unet_steps, warmup_steps=args.warmup_steps, **overrides)
-    result = diffusion.train_generator(cfg, pool.subset(range(len(pool) - args.holdout)), pipe.text_encoder,
-                                       pipe.image_encoder, pipe.tokenizer, pipe.feature_extractor, out / "work",
-                                       progress=False)
+    cfg = GeneratorConfig(unet_steps=args.unet_steps, warmup_steps=args.warmup_steps, **overrides)
+    result = train_generator(cfg, pool.subset(range(len(pool) - args.holdout)), pipe.text_encoder,
+                             pipe.image_encoder, pipe.tokenizer, pipe.feature_extractor, out / "work",
+                             progress=False, vae=copy.deepcopy(pipe.vae))
     report["unet_seconds"] = result.unet_seconds
     generator = result.pipeline
     generator.set_progress_bar_config(disable=True)
-    report["samples"] = [diag.sample_check(generator, oracle, test.class_names, drawable, g, 8) for g in (1.0, 4.0, 8.0)]
+    report["samples"] = [diag.sample_check(generator, oracle, test.class_names, drawable, g, 8)
+                         for g in (1.0, 4.0, 8.0)]
     report["seconds"] = round(time.time() - t0, 1)
     generator.save_pretrained(out / "generator", safe_serialization=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))

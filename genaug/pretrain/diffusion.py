@@ -236,9 +236,10 @@ class GeneratorTrainResult:
 
 def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_encoder, tokenizer,
                     feature_extractor, work_dir: str | Path, progress: bool = True,
-                    device: str | torch.device = "cpu") -> GeneratorTrainResult:
+                    device: str | torch.device = "cpu", vae=None) -> GeneratorTrainResult:
     """Train the autoencoder, then the UNet on cached latents/embeddings; assemble the unCLIP pipeline.
 
+    A trained ``vae`` is reused instead of training one (``vae_seconds`` then counts only moving it).
     Every random draw is made on the CPU from per-step seeded generators, so a run on ``device``
     sees the same batches as one on the CPU; the returned pipeline is on the CPU.
     """
@@ -252,7 +253,7 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
 
     # 1. Autoencoder.
     t0 = time.time()
-    vae = train_vae(cfg, pool, progress, device)
+    vae = train_vae(cfg, pool, progress, device) if vae is None else vae.to(device)  # given: reuse it
     vae.requires_grad_(False)
     vae_seconds = time.time() - t0
     psnr = reconstruction_psnr(vae, pool.images[-256:])
