@@ -39,6 +39,8 @@ def main() -> None:
                         help="UNet layers with LoRA (train-lora --unet-targets)")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-steps", type=int, default=None, help="default: --steps")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate")
+    parser.add_argument("--lora-dora", action="store_true", help="DoRA: learned magnitudes beside the LoRA")
     parser.add_argument("--lora-prior", action="store_true",
                         help="prior preservation: 50 base-model images of --lora-class-prompt")
     parser.add_argument("--lora-class-prompt", default="a photo of a {}",
@@ -71,8 +73,9 @@ def main() -> None:
             t0 = time.time()
             train_lora(LoraTrainConfig(model="embedded", instance_data=str(data),
                                        instance_prompt=f"a photo of a sks {name}", output=str(out / "lora" / slug),
-                                       max_train_steps=args.lora_steps or args.steps, learning_rate=1e-3,
+                                       max_train_steps=args.lora_steps or args.steps, learning_rate=args.lora_lr,
                                        rank=args.lora_rank, unet_targets=args.lora_targets, train_batch_size=4,
+                                       use_dora=args.lora_dora,
                                        with_prior_preservation=args.lora_prior,
                                        class_prompt=args.lora_class_prompt.format(name),
                                        device="cpu"))

@@ -4,6 +4,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from genaug.artefacts import read_adapter_config, read_safetensors
+from genaug.personalize.adapters import load_lora
 from genaug.personalize.lora import LoraTrainConfig, train_lora
 
 
@@ -117,3 +118,29 @@ def test_locon_adapter_on_every_unet_layer_loads_whole_in_stock_diffusers(kit, s
     assert np.abs(after - before).max() > 1e-4
     with pytest.raises(ValueError, match="unet_targets must be one of"):
         _cfg(kit, shape_images, tmp_path / "x", unet_targets="convs")
+
+
+def test_dora_adapter_loads_with_its_magnitudes_in_stock_diffusers(kit, shape_images, tmp_path):
+    # DoRA learns a magnitude per output channel beside the low-rank direction; stock diffusers must
+    # restore both, or it draws with a plain LoRA.
+    result = train_lora(_cfg(kit, shape_images, tmp_path / "dora", unet_targets="all", use_dora=True,
+                             max_train_steps=3))
+    tensors, _ = read_safetensors(result.weights)
+    magnitudes = {k.removesuffix(".lora_magnitude_vector"): v for k, v in tensors.items()
+                  if k.endswith(".lora_magnitude_vector")}
+    assert magnitudes and len(magnitudes) == sum(".lora_A." in k for k in tensors)
+
+    for loader in ("stock", "genaug"):  # genaug's own loader hands diffusers a bare state dict
+        pipe = StableDiffusionPipeline.from_pretrained(str(kit("sd15")), use_safetensors=True)
+        if loader == "stock":
+            pipe.load_lora_weights(str(tmp_path / "dora"), adapter_name="dora")
+        else:
+            load_lora(pipe, tmp_path / "dora", read_adapter_config(tmp_path / "dora"), "dora")
+        loaded = {f"unet.{name}": module.lora_magnitude_vector["dora"].weight
+                  for name, module in pipe.unet.named_modules()
+                  if hasattr(module, "lora_magnitude_vector") and "dora" in module.lora_magnitude_vector}
+        assert loaded.keys() == magnitudes.keys(), loader
+        for name, value in magnitudes.items():
+            torch.testing.assert_close(loaded[name], value)
+    with pytest.raises(ValueError, match="use_dora works on the UNet alone"):
+        _cfg(kit, shape_images, tmp_path / "x", use_dora=True, kohya_export=True)

@@ -87,3 +87,14 @@ def test_merge_rejects_a_locon_adapter_in_one_line(kit, two_loras, tmp_path):
     with pytest.raises(ConfigError, match="attention-only LoRAs") as err:
         merge_lora(MergeLoraConfig(adapters=[str(two_loras[0]), str(locon)], output=str(tmp_path / "merged")))
     assert "\n" not in str(err.value) and not (tmp_path / "merged").exists()
+
+
+def test_merge_rejects_a_dora_adapter_in_one_line(kit, two_loras, tmp_path):
+    from genaug.errors import ConfigError
+
+    dora = tmp_path / "dora"
+    train_lora(LoraTrainConfig(model=str(kit("sd15")), instance_data=str(two_loras[0].parent / "data0"),
+                               output=str(dora), use_dora=True, max_train_steps=1, train_batch_size=2, device="cpu"))
+    with pytest.raises(ConfigError, match="this one is DoRA") as err:
+        merge_lora(MergeLoraConfig(adapters=[str(two_loras[0]), str(dora)], output=str(tmp_path / "merged")))
+    assert "\n" not in str(err.value) and not (tmp_path / "merged").exists()

@@ -65,6 +65,9 @@ class LoraTrainConfig:
         "attention", "UNet layers that get LoRA: attention (q/k/v/out, diffusers' DreamBooth-LoRA) or all "
                      "(also the convolutions, feed-forwards and projections, kohya's LoCon); stock diffusers and "
                      "kohya load both")
+    use_dora: bool = option(False, "DoRA (Liu et al. 2024, peft's use_dora): each adapted weight's direction gets the "
+                                   "low-rank update and its per-channel magnitude is learned on its own; stock "
+                                   "diffusers loads it; no kohya export or merge-lora")
     train_text_encoder: bool = option(False, "also put LoRA on the text encoder's attention")
     learning_rate: float = option(1e-4, "AdamW learning rate")
     max_train_steps: int = option(200, "optimizer steps")
@@ -95,6 +98,9 @@ class LoraTrainConfig:
             raise ValueError("resolution must be a multiple of 8")
         if self.unet_targets not in UNET_TARGET_PRESETS:
             raise ValueError(f"unet_targets must be one of {', '.join(UNET_TARGET_PRESETS)}, got {self.unet_targets!r}")
+        if self.use_dora and (self.kohya_export or self.train_text_encoder):
+            # kohya's converter has no DoRA magnitudes, and stock diffusers drops the text encoder's on load.
+            raise ValueError("use_dora works on the UNet alone: turn off kohya_export and train_text_encoder")
 
 
 @dataclass
@@ -233,10 +239,11 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     torch.manual_seed(cfg.seed)
     alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
     unet_targets = UNET_TARGET_PRESETS[cfg.unet_targets]
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=unet_targets))
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=unet_targets,
+                                use_dora=cfg.use_dora))
     if cfg.train_text_encoder:
         text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                            target_modules=TEXT_TARGETS))
+                                            target_modules=TEXT_TARGETS, use_dora=cfg.use_dora))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}

@@ -85,6 +85,11 @@ def _read_lora(folder: str) -> tuple[dict[str, torch.Tensor], float, dict]:
                           "(unet_targets: all)", where=folder,
                           fix="use it beside the others at inference with per-adapter weights, or retrain it with "
                               "unet_targets: attention")
+    if (config.get("config") or {}).get("use_dora"):
+        raise ConfigError("merge-lora merges plain LoRAs; this one is DoRA (use_dora), whose learned magnitudes do "
+                          "not add linearly", where=folder,
+                          fix="use it beside the others at inference with per-adapter weights, or retrain it without "
+                              "use_dora")
     tensors = read_lora(folder, config)
     if not any(k.endswith(DOWN) for k in tensors):
         raise ConfigError("no diffusers-format LoRA keys (*.lora.down.weight) in the adapter", where=folder)
