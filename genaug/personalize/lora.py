@@ -243,7 +243,7 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
                                 use_dora=cfg.use_dora))
     if cfg.train_text_encoder:
         text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                            target_modules=TEXT_TARGETS, use_dora=cfg.use_dora))
+                                            target_modules=TEXT_TARGETS))  # use_dora is refused with it
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
