@@ -39,6 +39,9 @@ def test_scores_lora_and_ti_against_the_base(kit, shape_images, oracle_dir, tmp_
     for scores in result.scores.values():
         assert -1 <= scores["clip_i"] <= 1 and -1 <= scores["clip_t"] <= 1 and 0 <= scores["oracle_accuracy"] <= 1
         assert len(scores["per_prompt_oracle_accuracy"]) == 2
+        per_prompt = scores["per_prompt_clip_t"]  # keyed by the prompt CLIP-T reads, the class word in place
+        assert list(per_prompt) == ["a photo of object", "a object on the beach"]
+        assert abs(sum(per_prompt.values()) / 2 - scores["clip_t"]) < 2e-4  # equal samples per prompt
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["scores"] == result.scores
     assert (tmp_path / "report" / "samples-adapted.png").is_file() and (tmp_path / "report" / "report.md").is_file()

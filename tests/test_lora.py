@@ -144,3 +144,77 @@ def test_dora_adapter_loads_with_its_magnitudes_in_stock_diffusers(kit, shape_im
             torch.testing.assert_close(loaded[name], value)
     with pytest.raises(ValueError, match="use_dora works on the UNet alone"):
         _cfg(kit, shape_images, tmp_path / "x", use_dora=True, kohya_export=True)
+
+
+def test_masked_loss_sees_only_the_mask():
+    from genaug.personalize.lora import masked_mse
+
+    pred = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target = torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 3:7] = 1
+    masked_mse(pred, target, mask).backward()
+    assert pred.grad[:, :, mask[0, 0] == 0].abs().max() == 0 and pred.grad[:, :, 2:5, 3:7].abs().min() > 0
+    full = torch.ones(2, 1, 8, 8)
+    torch.testing.assert_close(masked_mse(pred, target, full), torch.nn.functional.mse_loss(pred, target))
+
+
+def _write_masks(folder, boxes):
+    from PIL import Image, ImageDraw
+
+    folder.mkdir()
+    for i, box in enumerate(boxes):
+        im = Image.new("L", (32, 32), 0)
+        ImageDraw.Draw(im).rectangle(box, fill=255)
+        im.save(folder / f"{i}.png")
+    return folder
+
+
+def test_instance_masks_restrict_the_loss_to_the_concept(kit, shape_images, tmp_path):
+    from genaug.errors import DataError
+
+    plain = train_lora(_cfg(kit, shape_images, tmp_path / "plain"))
+    whole = _write_masks(tmp_path / "whole", [(0, 0, 31, 31)] * 4)
+    same = train_lora(_cfg(kit, shape_images, tmp_path / "whole-mask", instance_mask_data=str(whole)))
+    part = _write_masks(tmp_path / "part", [(4, 4, 20, 20)] * 4)
+    masked = train_lora(_cfg(kit, shape_images, tmp_path / "part-mask", instance_mask_data=str(part)))
+    a, _ = read_safetensors(plain.weights)
+    b, _ = read_safetensors(same.weights)
+    c, _ = read_safetensors(masked.weights)
+    for k in a:  # a mask over the whole frame is the plain loss
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-4
+    with pytest.raises(DataError, match="3 masks for 4 instance images"):
+        train_lora(_cfg(kit, shape_images, tmp_path / "o1",
+                        instance_mask_data=str(_write_masks(tmp_path / "three", [(0, 0, 9, 9)] * 3))))
+    with pytest.raises(DataError, match="mask 1 is empty"):
+        train_lora(_cfg(kit, shape_images, tmp_path / "o2", instance_mask_data=str(
+            _write_masks(tmp_path / "empty", [(0, 0, 9, 9), (40, 40, 41, 41), (0, 0, 9, 9), (0, 0, 9, 9)]))))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused before writing anything
+
+
+def test_background_term_holds_the_prediction_outside_the_mask_to_the_base_models(kit, shape_images, tmp_path):
+    from genaug.personalize.lora import latent_masks, load_masks
+
+    part = _write_masks(tmp_path / "part", [(4, 4, 20, 20)] * 4)
+    pipe = StableDiffusionPipeline.from_pretrained(str(kit("sd15")), use_safetensors=True)
+    torch.manual_seed(0)
+    latents = torch.randn(1, pipe.unet.config.in_channels, 8, 8)
+    cond = pipe.text_encoder(pipe.tokenizer(["a photo of sks object"], padding="max_length", max_length=
+                                            pipe.tokenizer.model_max_length, return_tensors="pt").input_ids)[0]
+    outside = 1 - latent_masks(load_masks(str(part), 32, "masks")[:1], (8, 8))
+    with torch.no_grad():
+        base = pipe.unet(latents, torch.tensor([500]), cond).sample
+    drift = {}
+    for weight in (0.0, 10.0):
+        out = tmp_path / f"w{weight}"
+        train_lora(_cfg(kit, shape_images, out, instance_mask_data=str(part), mask_background_weight=weight,
+                        max_train_steps=12))
+        adapted = StableDiffusionPipeline.from_pretrained(str(kit("sd15")), use_safetensors=True)
+        adapted.load_lora_weights(str(out))
+        with torch.no_grad():
+            pred = adapted.unet(latents, torch.tensor([500]), cond).sample
+        drift[weight] = float(((pred - base).abs() * outside).sum() / outside.sum())
+    assert drift[10.0] < 0.5 * drift[0.0], drift
+    with pytest.raises(ValueError, match="needs instance_mask_data"):
+        _cfg(kit, shape_images, tmp_path / "x", mask_background_weight=1.0)

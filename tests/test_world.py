@@ -206,3 +206,59 @@ def test_threaded_writer_matches_the_plain_writer(tmp_path):
             for i, image in enumerate(images):
                 writer.add(f"item-{i:03d}", image, i % 2, caption=f"caption {i}", value=i / 7)
     assert file_hashes(tmp_path / "plain") == file_hashes(tmp_path / "threaded")
+
+
+def _recoloured_pixels(spec, index: int) -> np.ndarray:
+    """Pixels that change when object ``index`` is recoloured (blur off and contrast 1: contrast works around the
+    frame's mean colour, and blur spreads a change, so either would move pixels outside the object)."""
+    spec = dataclasses.replace(spec, blur_radius=0.0, contrast=1.0, objects=list(spec.objects))
+    before = render_scene(spec).astype(int)
+    obj = spec.objects[index]
+    spec.objects[index] = dataclasses.replace(obj, rgb=tuple(255.0 - c for c in obj.rgb),
+                                              secondary_rgb=tuple(255.0 - c for c in obj.secondary_rgb))
+    return np.abs(render_scene(spec).astype(int) - before).max(axis=-1) > 0
+
+
+def test_object_masks_are_what_each_object_shows():
+    from genaug.world.render import object_masks
+
+    options = SceneOptions(image_size=64, second_object_prob=1.0, occlusion_prob=1.0)
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        spec = sample_scene(rng, options, "star", "striped")
+        assert len(spec.objects) == 2 and spec.occluder is not None
+        masks = object_masks(spec)
+        for index, mask in enumerate(masks):
+            changed = _recoloured_pixels(spec, index)
+            assert mask.shape == (64, 64) and mask.max() > 0.5
+            assert not (changed & (mask == 0)).any()       # nothing outside the mask belongs to the object
+            assert changed[mask >= 0.5].all()                # every mostly-covered pixel does
+        x0, y0, x1, y1 = spec.occluder[:4]
+        assert masks[0][y0:y1, x0:x1].max() == 0 and masks[1][y0:y1, x0:x1].max() == 0
+        assert (masks[1][masks[0] == 1] == 0).all()         # the main object is drawn over the second
+
+
+def test_world_object_masks_rederive_a_built_worlds_scenes(world):
+    from PIL import Image
+
+    from genaug.world import world_object_masks
+    from genaug.world.build import _task_scene, plan_world
+    from genaug.world.render import object_masks
+
+    bench = read_dataset(world / "bench", "train")
+    ids = [r["id"] for r in bench.records[:5]]
+    masks = world_object_masks(world, "bench/train", ids)
+    assert list(masks) == ids and all(m[0].max() > 0.5 for m in masks.values())
+    cfg = tiny(world)
+    entries = {e.item_id: e for p in plan_world(cfg, json.loads((world / "world.json").read_text()))
+               if p.name == "bench/train" for e in p.entries}
+    for i, item_id in enumerate(ids):  # the scene behind each mask is the one on disk
+        spec, _ = _task_scene(entries[item_id].task, cfg.seed, cfg.scene_options())
+        np.testing.assert_array_equal(render_scene(spec), np.asarray(Image.open(bench.image_path(i)).convert("RGB")))
+        np.testing.assert_array_equal(object_masks(spec)[0], masks[item_id][0])
+    pair = read_dataset(world / "novel-pairs", "train").records[0]["id"]
+    assert len(world_object_masks(world, "novel-pairs", [pair])[pair]) == 2
+    with pytest.raises(DataError, match="not in bench/train"):
+        world_object_masks(world, "bench/train", ["nope"])
+    with pytest.raises(DataError, match="no dataset"):
+        world_object_masks(world, "bench/nope", ids)

@@ -119,7 +119,10 @@ def score_samples(samples: torch.Tensor, prompts_for_clip: list[str], n: int, re
     ref_feats = clip_image_features(clip_model, references)
     text_feats = clip_text_features(clip_model, tokenizer, [p for p in prompts_for_clip for _ in range(n)])
     clip_i = float((image_feats @ ref_feats.T).mean())
-    clip_t = float((image_feats * text_feats).sum(dim=1).mean())
+    per_sample_t = (image_feats * text_feats).sum(dim=1)
+    clip_t = float(per_sample_t.mean())
+    # Per prompt too: DreamBooth-style prompt fidelity is read on the new-context prompts alone.
+    per_prompt_t = dict(zip(prompts_for_clip, per_sample_t.view(len(prompts_for_clip), n).mean(dim=1).tolist()))
     feats = torch.nn.functional.normalize(oracle.features(samples), dim=-1)
     ref = torch.nn.functional.normalize(oracle.features(references), dim=-1)
     similarity = float((feats @ ref.T).mean())
@@ -128,7 +131,8 @@ def score_samples(samples: torch.Tensor, prompts_for_clip: list[str], n: int, re
         predicted, _ = oracle.predict(samples)
         accuracy = float((predicted == oracle_label).float().mean())
     return {"clip_i": round(clip_i, 4), "clip_t": round(clip_t, 4), "feature_similarity": round(similarity, 4),
-            "oracle_accuracy": None if accuracy is None else round(accuracy, 4)}
+            "oracle_accuracy": None if accuracy is None else round(accuracy, 4),
+            "per_prompt_clip_t": {p: round(v, 4) for p, v in per_prompt_t.items()}}
 
 
 def evaluate_personalization(cfg: EvalPersonalizationConfig) -> EvalPersonalizationResult:
@@ -177,6 +181,10 @@ def evaluate_personalization(cfg: EvalPersonalizationConfig) -> EvalPersonalizat
     lines = ["| model | CLIP-I | CLIP-T | feature sim. | oracle acc. |", "|---|---|---|---|---|"]
     for name, s in scores.items():
         lines.append(f"| {name} | {s['clip_i']} | {s['clip_t']} | {s['feature_similarity']} | {s['oracle_accuracy']} |")
+    lines += ["", "CLIP-T per prompt (placeholder replaced by the class word):", "",
+              "| prompt | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
+    for prompt in plain:
+        lines.append(f"| {prompt} | " + " | ".join(str(s["per_prompt_clip_t"][prompt]) for s in scores.values()) + " |")
     write_report(out, {"scores": scores, "prompts": cfg.prompts, "adapters": cfg.adapters,
                        "oracle_class": cfg.oracle_class, "seconds": round(time.time() - t0, 2)},
                  "# Personalization evaluation\n\n" + "\n".join(lines) + "\n\nSamples: `samples-adapted.png`, "

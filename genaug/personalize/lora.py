@@ -53,6 +53,14 @@ class LoraTrainConfig:
     instance_data: str = option("", "images of the concept: a genaug/imagefolder dataset or a flat folder of images")
     instance_class: str | None = option(None, "use only this class of instance_data (by class name)")
     instance_prompt: str = option("a photo of sks object", "prompt with the rare identifier and the class word")
+    instance_mask_data: str | None = option(
+        None, "optional concept masks, one per instance image in the same order (white = concept): the "
+              "diffusion loss then covers only the concept, as in Break-A-Scene, so the backgrounds of the few "
+              "training images are not learned")
+    mask_background_weight: float = option(
+        0.0, "with instance masks: weight of a term that holds the adapted UNet's prediction outside the mask to "
+             "the base model's (adapter off) on the same input, so the adapter learns the concept without "
+             "repainting the backgrounds; 0 leaves the background out of the loss")
     output: str = option("adapters/lora", "adapter folder to write")
     with_prior_preservation: bool = option(False, "add the prior-preservation loss on class images")
     class_prompt: str = option("a photo of an object", "prompt for the class images (prior preservation)")
@@ -98,6 +106,13 @@ class LoraTrainConfig:
             raise ValueError("resolution must be a multiple of 8")
         if self.unet_targets not in UNET_TARGET_PRESETS:
             raise ValueError(f"unet_targets must be one of {', '.join(UNET_TARGET_PRESETS)}, got {self.unet_targets!r}")
+        if self.mask_background_weight < 0:
+            raise ValueError("mask_background_weight must be >= 0")
+        if self.mask_background_weight and not self.instance_mask_data:
+            raise ValueError("mask_background_weight needs instance_mask_data (the background is outside the masks)")
+        if self.mask_background_weight and self.train_text_encoder:
+            # The base prediction would need the text encoder without its LoRA as well: one more forward per step.
+            raise ValueError("mask_background_weight works with a frozen text encoder: turn off train_text_encoder")
         if self.use_dora and (self.kohya_export or self.train_text_encoder):
             # kohya's converter has no DoRA magnitudes, and stock diffusers drops the text encoder's on load.
             raise ValueError("use_dora works on the UNet alone: turn off kohya_export and train_text_encoder")
@@ -132,6 +147,31 @@ def _load_images(folder: str, class_name: str | None, size: int, where: str) -> 
     if not indices:
         raise DataError("no images to train on", where=f"{where}={folder}")
     return torch.stack([_image_tensor(ds.image(i), size) for i in indices])
+
+
+def load_masks(folder: str, size: int, where: str, class_name: str | None = None) -> torch.Tensor:
+    """Binary ``(N, 1, size, size)`` masks from a folder of mask images (white, > 50% grey, = inside)."""
+    ds = read_dataset(folder)
+    indices = range(len(ds))
+    if class_name is not None and class_name in ds.class_names:
+        label = ds.class_names.index(class_name)
+        indices = [i for i in indices if int(ds.records[i]["label"]) == label]
+    if not indices:
+        raise DataError("no mask images", where=f"{where}={folder}")
+    masks = [torch.from_numpy(np.asarray(ds.image(i).convert("L").resize((size, size), resample=2),
+                                         dtype=np.float32) / 255.0) for i in indices]
+    return (torch.stack(masks)[:, None] > 0.5).float()
+
+
+def latent_masks(masks: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Masks at the latent grid: a latent cell is inside if any of its pixels is (the VAE mixes a cell's pixels)."""
+    return (F.interpolate(masks, size=latent_size, mode="area") > 0).float()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error over the mask's cells and every channel, averaged over the batch."""
+    error = ((pred - target) ** 2 * mask).sum(dim=(1, 2, 3))
+    return (error / (mask.sum(dim=(1, 2, 3)) * pred.shape[1]).clamp(min=1)).mean()
 
 
 @torch.no_grad()
@@ -193,17 +233,32 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
 
     # 1. Data: cache latents (both flips) and prompt ids once.
     instance = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
+    masks = None
+    if cfg.instance_mask_data:
+        if not Path(cfg.instance_mask_data).exists():
+            raise DataError("mask folder not found", where=f"instance_mask_data={cfg.instance_mask_data}",
+                            fix="pass a folder with one mask image per instance image")
+        masks = load_masks(cfg.instance_mask_data, size, "instance_mask_data", cfg.instance_class)
+        if len(masks) != len(instance):
+            raise DataError(f"{len(masks)} masks for {len(instance)} instance images",
+                            where=f"instance_mask_data={cfg.instance_mask_data}",
+                            fix="give one mask per instance image, in the instance images' order")
+        if not bool((masks.sum(dim=(1, 2, 3)) > 0).all()):
+            empty = int((masks.sum(dim=(1, 2, 3)) == 0).nonzero()[0])
+            raise DataError(f"mask {empty} is empty (all black)", where=f"instance_mask_data={cfg.instance_mask_data}",
+                            fix="white marks the concept: every instance image needs some of it")
     if cfg.random_flip:
         instance = torch.cat([instance, instance.flip(-1)])
+        masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
     # Two runs training into one folder would mix their checkpoints: hold it before writing anything.
     # Under `accelerate launch` only the main process writes (and locks); the others train beside it.
     lock = folder_lock(out, "training an adapter in") if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
-        return _train_lora_locked(cfg, accelerator, pipe, family, size, out, instance)
+        return _train_lora_locked(cfg, accelerator, pipe, family, size, out, instance, masks)
 
 
 def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, size: int, out: Path,
-                       instance: torch.Tensor) -> LoraTrainResult:
+                       instance: torch.Tensor, masks: torch.Tensor | None) -> LoraTrainResult:
     """``train_lora`` from the first write on, with the output folder locked."""
     from diffusers import DDPMScheduler
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -227,6 +282,7 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
     inst_mean, inst_std = _encode_latents(vae, instance)
+    inst_mask = latent_masks(masks, inst_mean.shape[-2:]) if masks is not None else None
     cls_mean = cls_std = None
     if class_pixels is not None:
         cls_mean, cls_std = _encode_latents(vae, class_pixels)
@@ -305,10 +361,22 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
         with accelerator.autocast():
             pred = unet(noisy.to(dev), timesteps.to(dev), cond, class_labels=class_labels).sample
         pred, target = pred.float(), target.to(dev).float()
-        if cls_mean is not None:
-            loss = F.mse_loss(pred[:n_inst], target[:n_inst]) + cfg.prior_loss_weight * F.mse_loss(pred[n_inst:], target[n_inst:])
+        if inst_mask is not None:
+            mask = inst_mask[idx].to(dev)
+            loss = masked_mse(pred[:n_inst], target[:n_inst], mask)
+            if cfg.mask_background_weight:
+                base_unet = accelerator.unwrap_model(unet)
+                base_unet.disable_adapters()
+                with torch.no_grad(), accelerator.autocast():
+                    labels = class_labels[:n_inst] if class_labels is not None else None
+                    base = base_unet(noisy[:n_inst].to(dev), timesteps[:n_inst].to(dev), cond[:n_inst],
+                                     class_labels=labels).sample.float()
+                base_unet.enable_adapters()
+                loss = loss + cfg.mask_background_weight * masked_mse(pred[:n_inst], base, 1.0 - mask)
         else:
-            loss = F.mse_loss(pred, target)
+            loss = F.mse_loss(pred[:n_inst], target[:n_inst])
+        if cls_mean is not None:  # class images are the base model's own: their whole frame is the prior
+            loss = loss + cfg.prior_loss_weight * F.mse_loss(pred[n_inst:], target[n_inst:])
         require_finite(loss, step, cfg.output)
         accelerator.backward(loss)
         optimizer.step()

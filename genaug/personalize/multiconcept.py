@@ -40,7 +40,7 @@ from ..errors import ConfigError, DataError, ModelError
 from ..models.loading import default_resolution, resolve_device
 from ..runs import RunRecord
 from .adapters import base_model_info
-from .lora import _encode_latents, _load_images, load_base_for_personalization
+from .lora import _encode_latents, _load_images, load_base_for_personalization, masked_mse
 from .textual_inversion import TI_WEIGHTS, TrainableRows, add_placeholder_tokens
 
 KV_WEIGHTS = "multiconcept_kv.safetensors"
@@ -327,12 +327,10 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
         pred = unet(noisy, timesteps.to(device), text_encoder(ids.to(device))[0], class_labels=labels).sample
         target = (noise if noise_scheduler.config.prediction_type == "epsilon"
                   else noise_scheduler.get_velocity(latents, noise, timesteps)).to(device)
-        error = (pred.float() - target.float()) ** 2
         if latent_mask is not None:
-            m = latent_mask[idx % len(latent_mask)].to(device)
-            diffusion = ((error * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * error.shape[1]).clamp(min=1)).mean()
+            diffusion = masked_mse(pred.float(), target.float(), latent_mask[idx % len(latent_mask)].to(device))
         else:
-            diffusion = error.mean()
+            diffusion = F.mse_loss(pred.float(), target.float())
         if resolution == 0:
             resolution = max(store.maps) if store.maps else 0
         terms = calibration_losses(store, ids, modifier_ids, resolution, cfg.smooth, cfg.strengthen)

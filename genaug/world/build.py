@@ -28,8 +28,8 @@ from ..artefacts import DatasetWriter, METADATA, atomic_write_json, read_metadat
 from ..config import config_to_dict, option
 from ..errors import DataError
 from .render import (ALL_PATTERNS, ALL_SHAPES, BACKGROUNDS, BASE_PATTERNS, BASE_SHAPES, COLOURS, NOVEL_PATTERNS,
-                     NOVEL_SHAPES, SceneOptions, caption_pair, caption_scene, render_scene, sample_pair_scene,
-                     sample_scene, scene_attributes)
+                     NOVEL_SHAPES, SceneOptions, SceneSpec, caption_pair, caption_scene, object_masks, render_scene,
+                     sample_pair_scene, sample_scene, scene_attributes)
 
 WORLD_FORMAT = "genaug-world"
 WORLD_VERSION = 1
@@ -281,21 +281,52 @@ def _fill(rng: np.random.Generator, shape: str | None, pattern: str | None) -> t
     return (shape or str(rng.choice(BASE_SHAPES)), pattern or str(rng.choice(BASE_PATTERNS)))
 
 
-def render_task(task: RenderTask, seed: int, options: SceneOptions) -> RenderedItem:
-    """Render one task from its own random stream (a pure function of seed, key and options)."""
+def _task_scene(task: RenderTask, seed: int, options: SceneOptions) -> tuple[SceneSpec, np.random.Generator]:
+    """The task's scene, and its random stream positioned where the caption draws from it."""
     rng = np.random.default_rng([seed, *task.key])
     if task.mode == "pair":
         left, right = (_fill(rng, s, p) for s, p in task.objects)
-        spec = sample_pair_scene(rng, options, left, right)
-        caption = caption_pair(spec, rng)
-    else:
-        shape, pattern = _fill(rng, *(task.objects[0] if task.objects else (None, None)))
-        reference = task.mode == "reference"
-        # References show the concept clearly: alone, unoccluded, with milder nuisances.
-        spec = sample_scene(rng, options, shape, pattern, allow_second=not reference,
-                            allow_occlusion=not reference, mild=reference)
-        caption = caption_scene(spec, rng)
+        return sample_pair_scene(rng, options, left, right), rng
+    shape, pattern = _fill(rng, *(task.objects[0] if task.objects else (None, None)))
+    reference = task.mode == "reference"
+    # References show the concept clearly: alone, unoccluded, with milder nuisances.
+    spec = sample_scene(rng, options, shape, pattern, allow_second=not reference,
+                        allow_occlusion=not reference, mild=reference)
+    return spec, rng
+
+
+def render_task(task: RenderTask, seed: int, options: SceneOptions) -> RenderedItem:
+    """Render one task from its own random stream (a pure function of seed, key and options)."""
+    spec, rng = _task_scene(task, seed, options)
+    caption = caption_pair(spec, rng) if task.mode == "pair" else caption_scene(spec, rng)
     return RenderedItem(render_scene(spec, options.supersample), caption, scene_attributes(spec))
+
+
+def world_object_masks(world_dir: str | Path, dataset: str, item_ids: list[str]) -> dict[str, list[np.ndarray]]:
+    """Per-object visible masks (``object_masks``) of items of a built world, re-derived from its seed.
+
+    ``dataset`` is a plan name: ``bench/train``, ``novel/<slug>``, ``novel-pairs``, ``pool``, ...
+    The main object (the labelled one) comes first; pair images list both concepts, left then right.
+    """
+    world_dir = Path(world_dir)
+    world_json = world_dir / WORLD_JSON
+    if not world_json.exists():
+        raise DataError("not a genaug world (no world.json)", where=str(world_dir),
+                        fix="pass the folder `genaug world --output` wrote")
+    world = json.loads(world_json.read_text())
+    cfg = WorldConfig(**{**world["config"], "output": str(world_dir)})
+    plans = {plan.name: plan for plan in plan_world(cfg, world)}
+    if dataset not in plans:
+        raise DataError(f"no dataset {dataset!r} in this world", where=str(world_dir),
+                        fix=f"use one of {', '.join(plans)}")
+    entries = {e.item_id: e for e in plans[dataset].entries}
+    missing = [i for i in item_ids if i not in entries]
+    if missing:
+        raise DataError(f"{len(missing)} item ids not in {dataset} (first: {missing[0]!r})", where=str(world_dir),
+                        fix="use the ids of that dataset's metadata.jsonl")
+    options = cfg.scene_options()
+    return {i: object_masks(_task_scene(entries[i].task, cfg.seed, options)[0], options.supersample)
+            for i in item_ids}
 
 
 def _render_batch(tasks: list[RenderTask], seed: int, options: SceneOptions) -> list[RenderedItem]:
@@ -500,4 +531,4 @@ def _write_dataset(plan: DatasetPlan, entries: list[Entry], rendered: Iterator[R
 
 
 __all__ = ["WorldConfig", "WorldResult", "build_world", "benchmark_classes", "describe_world", "longtail_counts",
-           "bucket_of", "NOVEL_CONCEPTS"]
+           "bucket_of", "world_object_masks", "NOVEL_CONCEPTS"]

@@ -263,14 +263,14 @@ def render_background(kind: str, size: int, tint: tuple[float, float, float], se
 
 
 # --------------------------------------------------------------------------- rendering
-def _draw_object(canvas: np.ndarray, obj: ObjectSpec, supersample: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Composite ``obj`` onto ``canvas`` in place; returns its coverage and the box it was drawn in."""
-    size = canvas.shape[0]
+def _object_geometry(obj: ObjectSpec, size: int, supersample: int):
+    """Sub-pixel object-frame coordinates (a, b), the supersampled shape mask, its per-pixel coverage and
+    the box ``(x0, y0, x1, y1)`` they cover; None when the object lies outside the frame."""
     reach = obj.radius * BBOX_MARGIN
     x0, x1 = max(0, int(math.floor(obj.cx - reach))), min(size, int(math.ceil(obj.cx + reach)))
     y0, y1 = max(0, int(math.floor(obj.cy - reach))), min(size, int(math.ceil(obj.cy + reach)))
     if x1 <= x0 or y1 <= y0:
-        return np.zeros((0, 0), np.float32), (0, 0, 0, 0)
+        return None
     ss = supersample
     # Sample points at sub-pixel centres, in final-image pixel units.
     xs = x0 + (np.arange((x1 - x0) * ss, dtype=np.float32) + 0.5) / ss - obj.cx
@@ -279,8 +279,18 @@ def _draw_object(canvas: np.ndarray, obj: ObjectSpec, supersample: int) -> tuple
     a = xs[None, :] * cos_t + ys[:, None] * sin_t
     b = -xs[None, :] * sin_t + ys[:, None] * cos_t
     mask = SHAPE_FUNCTIONS[obj.shape](a / obj.radius, b / obj.radius).astype(np.float32)
+    coverage = mask.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3))
+    return a, b, mask, coverage, (x0, y0, x1, y1)
+
+
+def _draw_object(canvas: np.ndarray, obj: ObjectSpec, supersample: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Composite ``obj`` onto ``canvas`` in place; returns its coverage and the box it was drawn in."""
+    geometry = _object_geometry(obj, canvas.shape[0], supersample)
+    if geometry is None:
+        return np.zeros((0, 0), np.float32), (0, 0, 0, 0)
+    a, b, mask, coverage, (x0, y0, x1, y1) = geometry
+    size, ss = canvas.shape[0], supersample
     h, w = y1 - y0, x1 - x0
-    coverage = mask.reshape(h, ss, w, ss).mean(axis=(1, 3))
     rgb = np.asarray(obj.rgb, np.float32)
     region = canvas[y0:y1, x0:x1]
     colour = coverage[..., None] * rgb
@@ -320,6 +330,32 @@ def render_scene(spec: SceneSpec, supersample: int = 4) -> np.ndarray:
         noise = np.random.default_rng(spec.noise_seed).normal(0.0, spec.noise_sigma, image.shape)
         image = np.clip(image.astype(np.float32) + noise.astype(np.float32), 0, 255).round().astype(np.uint8)
     return image
+
+
+def object_masks(spec: SceneSpec, supersample: int = 4) -> list[np.ndarray]:
+    """Each object's visible coverage in [0, 1] (``size x size``, float32), in ``spec.objects`` order.
+
+    What a perfect segmenter would return: an object loses what objects drawn over it and the
+    occluder hide. Used as the given concept masks of masked-loss personalization (Break-A-Scene).
+    """
+    size = spec.size
+    masks = []
+    for obj in spec.objects:
+        full = np.zeros((size, size), np.float32)
+        geometry = _object_geometry(obj, size, supersample)
+        if geometry is not None:
+            x0, y0, x1, y1 = geometry[4]
+            full[y0:y1, x0:x1] = geometry[3]
+        masks.append(full)
+    # render_scene draws the objects in reverse order, so object i is painted over by objects 0..i-1.
+    for i in range(len(masks)):
+        for above in masks[:i]:
+            masks[i] *= 1.0 - above
+    if spec.occluder is not None:
+        x0, y0, x1, y1 = spec.occluder[:4]
+        for m in masks:
+            m[y0:y1, x0:x1] = 0.0
+    return masks
 
 
 # --------------------------------------------------------------------------- sampling
