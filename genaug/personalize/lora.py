@@ -243,9 +243,9 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
             raise DataError(f"{len(masks)} masks for {len(instance)} instance images",
                             where=f"instance_mask_data={cfg.instance_mask_data}",
                             fix="give one mask per instance image, in the instance images' order")
-        if not bool((masks.sum(dim=(1, 2, 3)) > 0).all()):
-            empty = int((masks.sum(dim=(1, 2, 3)) == 0).nonzero()[0])
-            raise DataError(f"mask {empty} is empty (all black)", where=f"instance_mask_data={cfg.instance_mask_data}",
+        empty = (masks.sum(dim=(1, 2, 3)) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise DataError(f"mask {empty[0]} is empty (all black)", where=f"instance_mask_data={cfg.instance_mask_data}",
                             fix="white marks the concept: every instance image needs some of it")
     if cfg.random_flip:
         instance = torch.cat([instance, instance.flip(-1)])
