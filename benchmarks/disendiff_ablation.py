@@ -10,6 +10,9 @@ can be told from run-to-run noise.
 
     python benchmarks/disendiff_ablation.py --world worlds/default --out runs/disendiff-ablation \
         --pairs 3 --seeds 2
+    # with the masked diffusion loss on the world's object masks:
+    python benchmarks/disendiff_ablation.py --world worlds/default --out runs/disendiff-ablation-masked \
+        --pairs 4 --seeds 2 --masks
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=16, help="samples per prompt")
+    parser.add_argument("--masks", action="store_true",
+                        help="masked diffusion loss (--mask-data): the world's masks of the two objects as given masks")
     args = parser.parse_args()
 
     from genaug.artefacts import DatasetWriter, read_dataset
     from genaug.evaluate.classifier import ci95
     from genaug.personalize.evaluate import EvalPersonalizationConfig, evaluate_personalization
     from genaug.personalize.multiconcept import MultiConceptConfig, train_multiconcept
+    from genaug.world import world_object_masks
 
     world, out = Path(args.world), Path(args.out)
     pairs = read_dataset(world / "novel-pairs")
@@ -61,6 +67,16 @@ def main() -> None:
         with DatasetWriter(image_dir, ["pair"]) as writer:
             if "pair" not in writer.done_ids:
                 writer.add("pair", pairs.image(index), 0)
+        mask_dir = None
+        if args.masks:  # one mask per concept, left then right, as the class words are ordered
+            from PIL import Image
+
+            mask_dir = out / "data" / f"pair-{index}-masks"
+            item_id = pairs.records[index]["id"]
+            with DatasetWriter(mask_dir, ["mask"]) as writer:
+                for i, m in enumerate(world_object_masks(world, "novel-pairs", [item_id])[item_id]):
+                    if f"mask-{i}" not in writer.done_ids:
+                        writer.add(f"mask-{i}", Image.fromarray((m * 255).round().astype("uint8")).convert("RGB"), 0)
         for seed in range(args.seeds):
             unit = {"image": index, "concepts": concepts, "seed": seed}
             for variant, flags in (("calibrated", {}), ("uncalibrated", {"bind_loss": False, "separate_loss": False})):
@@ -69,7 +85,8 @@ def main() -> None:
                 train_multiconcept(MultiConceptConfig(
                     model="embedded", instance_data=str(image_dir), class_words=["shape", "shape"],
                     prompt_template="a {0} beside a {1}", max_train_steps=args.steps, output=str(folder / "adapter"),
-                    device="cpu", attention_loss_weight=0.1, seed=seed, **flags))
+                    device="cpu", attention_loss_weight=0.1, seed=seed,
+                    mask_data=str(mask_dir) if mask_dir else None, **flags))
                 seconds = time.time() - t0
                 alone = [evaluate(folder / "adapter", world / "novel" / concept.replace(" ", "-"),
                                   f"a photo of a <new{i + 1}> shape", f"<new{i + 1}> shape", concept, folder / f"c{i}")

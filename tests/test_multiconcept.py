@@ -95,3 +95,31 @@ def test_ablation_flags_remove_the_attention_terms(kit, pair_image, tmp_path):
     assert off.history[0]["diffusion"] == on.history[0]["diffusion"]
     with pytest.raises(ValueError, match="at least two"):
         MultiConceptConfig(class_words=["circle"])
+
+
+def test_concept_masks_restrict_the_diffusion_loss(kit, pair_image, tmp_path):
+    from genaug.errors import DataError
+
+    def masks(name, boxes):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, box in enumerate(boxes):
+            im = Image.new("L", (32, 32), 0)
+            ImageDraw.Draw(im).rectangle(box, fill=255)
+            im.save(folder / f"{i}.png")
+        return str(folder)
+
+    common = dict(model=str(kit("sd15")), instance_data=str(pair_image), class_words=["circle", "square"],
+                  prompt_template="a {0} beside a {1}", max_train_steps=2, train_batch_size=2, device="cpu",
+                  bind_loss=False, separate_loss=False)
+    plain = train_multiconcept(MultiConceptConfig(output=str(tmp_path / "plain"), **common))
+    whole = train_multiconcept(MultiConceptConfig(output=str(tmp_path / "whole"), **common,
+                                                  mask_data=masks("m-whole", [(0, 0, 31, 31), (0, 0, 3, 3)])))
+    part = train_multiconcept(MultiConceptConfig(output=str(tmp_path / "part"), **common,
+                                                 mask_data=masks("m-part", [(2, 8, 14, 20), (18, 8, 30, 20)])))
+    # A union covering the frame is the plain loss; the two objects' masks leave the background out.
+    assert abs(whole.history[0]["diffusion"] - plain.history[0]["diffusion"]) < 1e-6
+    assert abs(part.history[0]["diffusion"] - plain.history[0]["diffusion"]) > 1e-4
+    with pytest.raises(DataError, match="1 masks for 2 concepts"):
+        train_multiconcept(MultiConceptConfig(output=str(tmp_path / "o"), **common,
+                                              mask_data=masks("m-one", [(0, 0, 9, 9)])))

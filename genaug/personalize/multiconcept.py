@@ -40,7 +40,7 @@ from ..errors import ConfigError, DataError, ModelError
 from ..models.loading import default_resolution, resolve_device
 from ..runs import RunRecord
 from .adapters import base_model_info
-from .lora import _encode_latents, _load_images, load_base_for_personalization, masked_mse
+from .lora import _encode_latents, _load_images, latent_masks, load_base_for_personalization, load_masks, masked_mse
 from .textual_inversion import TI_WEIGHTS, TrainableRows, add_placeholder_tokens
 
 KV_WEIGHTS = "multiconcept_kv.safetensors"
@@ -260,11 +260,11 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
     pixels = torch.cat([pixels, pixels.flip(-1)])
     mask = None
     if cfg.mask_data:
-        masks = _load_images(cfg.mask_data, None, size, "mask_data")
+        masks = load_masks(cfg.mask_data, size, "mask_data")
         if len(masks) != len(cfg.class_words):
             raise DataError(f"{len(masks)} masks for {len(cfg.class_words)} concepts", where=cfg.mask_data,
                             fix="give one mask image per concept, in class-word order")
-        union = (masks.mean(dim=1, keepdim=True) > 0).float().amax(dim=0, keepdim=True)  # masks are in [-1, 1]
+        union = masks.amax(dim=0, keepdim=True)
         mask = torch.cat([union, union.flip(-1)])
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     modifier_ids = []
@@ -298,7 +298,7 @@ def train_multiconcept(cfg: MultiConceptConfig) -> MultiConceptResult:
     original_processors = dict(unet.attn_processors)
     store = install_attention_store(unet)
     latent_mean, latent_std = _encode_latents(vae, pixels)
-    latent_mask = F.interpolate(mask, size=latent_mean.shape[-2:], mode="nearest") if mask is not None else None
+    latent_mask = latent_masks(mask, latent_mean.shape[-2:]) if mask is not None else None
     resolution = cfg.attention_resolution
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     class_dim = unet.config.projection_class_embeddings_input_dim if family == "unclip" else None
