@@ -41,7 +41,7 @@ def main() -> None:
     from genaug.evaluate.classifier import ci95
     from genaug.personalize.evaluate import EvalPersonalizationConfig, evaluate_personalization
     from genaug.personalize.multiconcept import MultiConceptConfig, train_multiconcept
-    from genaug.world import world_object_masks
+    from genaug.world import world_object_masks, write_masks
 
     world, out = Path(args.world), Path(args.out)
     pairs = read_dataset(world / "novel-pairs")
@@ -69,14 +69,9 @@ def main() -> None:
                 writer.add("pair", pairs.image(index), 0)
         mask_dir = None
         if args.masks:  # one mask per concept, left then right, as the class words are ordered
-            from PIL import Image
-
-            mask_dir = out / "data" / f"pair-{index}-masks"
             item_id = pairs.records[index]["id"]
-            with DatasetWriter(mask_dir, ["mask"]) as writer:
-                for i, m in enumerate(world_object_masks(world, "novel-pairs", [item_id])[item_id]):
-                    if f"mask-{i}" not in writer.done_ids:
-                        writer.add(f"mask-{i}", Image.fromarray((m * 255).round().astype("uint8")).convert("RGB"), 0)
+            both = world_object_masks(world, "novel-pairs", [item_id])[item_id]
+            mask_dir = write_masks(out / "data" / f"pair-{index}-masks", {f"mask-{i}": m for i, m in enumerate(both)})
         for seed in range(args.seeds):
             unit = {"image": index, "concepts": concepts, "seed": seed}
             for variant, flags in (("calibrated", {}), ("uncalibrated", {"bind_loss": False, "separate_loss": False})):

@@ -55,14 +55,12 @@ def main() -> None:
                         help="with --lora-masks: weight holding the background to the base model's prediction")
     args = parser.parse_args()
 
-    from PIL import Image
-
     from genaug.artefacts import DatasetWriter, read_dataset
     from genaug.personalize.evaluate import EvalPersonalizationConfig, evaluate_personalization
     from genaug.personalize.lora import LoraTrainConfig, train_lora
     from genaug.personalize.multiconcept import MultiConceptConfig, train_multiconcept
     from genaug.personalize.textual_inversion import TextualInversionConfig, train_textual_inversion
-    from genaug.world import world_object_masks
+    from genaug.world import world_object_masks, write_masks
 
     world, out = Path(args.world), Path(args.out)
     info = json.loads((world / "world.json").read_text())
@@ -84,14 +82,9 @@ def main() -> None:
         slug = name.replace(" ", "-")
         masks = None
         if args.lora_masks:  # the main object's visible pixels, as a user's segmentation would give them
-            masks = out / "masks" / slug
             ids = [bench.records[i]["id"] for i in rows]
             object_masks = world_object_masks(world, "bench/train", ids)
-            with DatasetWriter(masks, [name]) as writer:
-                for item_id in ids:
-                    if f"mask-{item_id}" not in writer.done_ids:
-                        pixels = (object_masks[item_id][0] * 255).round().astype("uint8")
-                        writer.add(f"mask-{item_id}", Image.fromarray(pixels).convert("RGB"), 0)
+            masks = write_masks(out / "masks" / slug, {f"mask-{i}": object_masks[i][0] for i in ids})
         trained = []
         if "lora" in methods:
             t0 = time.time()

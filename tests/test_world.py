@@ -262,3 +262,17 @@ def test_world_object_masks_rederive_a_built_worlds_scenes(world):
         world_object_masks(world, "bench/train", ["nope"])
     with pytest.raises(DataError, match="no dataset"):
         world_object_masks(world, "bench/nope", ids)
+
+
+def test_written_masks_read_back_as_train_loras_masks(world, tmp_path):
+    from genaug.personalize.lora import load_masks
+    from genaug.world import world_object_masks, write_masks
+
+    ids = [r["id"] for r in read_dataset(world / "bench", "train").records[:3]]
+    masks = world_object_masks(world, "bench/train", ids)
+    folder = write_masks(tmp_path / "masks", {f"mask-{i}": masks[i][0] for i in ids})
+    loaded = load_masks(str(folder), 32, "masks")
+    expected = np.stack([masks[i][0] for i in ids])
+    # Where the coverage is clearly in or out, the mask read back agrees (edges are antialiased grey).
+    clear = np.abs(expected - 0.5) > 0.1
+    np.testing.assert_array_equal(loaded[:, 0].numpy()[clear], (expected > 0.5)[clear])

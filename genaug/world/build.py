@@ -329,6 +329,17 @@ def world_object_masks(world_dir: str | Path, dataset: str, item_ids: list[str])
             for i in item_ids}
 
 
+def write_masks(folder: str | Path, masks: dict[str, np.ndarray]) -> Path:
+    """Write ``{id: coverage in [0, 1]}`` as a dataset of white-on-black mask images, in the dict's order
+    (the form ``train-lora --instance-mask-data`` and ``train-multiconcept --mask-data`` read); resumable."""
+    with DatasetWriter(Path(folder), ["mask"]) as writer:
+        for item_id, mask in masks.items():
+            if item_id not in writer.done_ids:
+                pixels = (np.clip(mask, 0.0, 1.0) * 255).round().astype(np.uint8)
+                writer.add(item_id, Image.fromarray(pixels).convert("RGB"), 0)
+    return Path(folder)
+
+
 def _render_batch(tasks: list[RenderTask], seed: int, options: SceneOptions) -> list[RenderedItem]:
     return [render_task(t, seed, options) for t in tasks]
 
@@ -531,4 +542,4 @@ def _write_dataset(plan: DatasetPlan, entries: list[Entry], rendered: Iterator[R
 
 
 __all__ = ["WorldConfig", "WorldResult", "build_world", "benchmark_classes", "describe_world", "longtail_counts",
-           "bucket_of", "world_object_masks", "NOVEL_CONCEPTS"]
+           "bucket_of", "world_object_masks", "write_masks", "NOVEL_CONCEPTS"]
