@@ -17,6 +17,12 @@
     # the same with DreamBooth's prior preservation:
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization-locon-prior \
         --methods lora --lora-targets all --lora-rank 16 --lora-steps 1200 --lora-prior
+    # each adapter sampled at LoRA scales 1, 0.75 and 0.5 (reported as lora, lora@0.75, lora@0.5):
+    python benchmarks/personalization_embedded.py --world worlds/default --out runs/locon-2400-scales \
+        --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-scales 1,0.75,0.5
+    # each reference trained on its own caption (what else it shows is named, not learned into "sks"):
+    python benchmarks/personalization_embedded.py --world worlds/default --out runs/locon-2400-captions \
+        --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-captions
     # masked diffusion loss (Break-A-Scene), the world's object masks as given masks:
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization-locon-masked \
         --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-masks
@@ -28,6 +34,19 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+
+def identified_caption(caption: str, name: str) -> str:
+    """A reference's world caption with the concept named as the prompts name it: "a red wavy square on grass" ->
+    "a red sks wavy square on grass". Captions drop the word "plain" ("a red heart"), so the shape word stands in."""
+    if name in caption:
+        return caption.replace(name, f"sks {name}", 1)
+    shape = name.split()[-1]
+    if shape not in caption.split():
+        raise SystemExit(f"caption {caption!r} names neither {name!r} nor {shape!r}")
+    words = caption.split()
+    words[words.index(shape)] = f"sks {name}"
+    return " ".join(words)
 
 
 def main() -> None:
@@ -53,6 +72,12 @@ def main() -> None:
                         help="masked diffusion loss (Break-A-Scene): the world's object masks as the given masks")
     parser.add_argument("--lora-mask-background", type=float, default=0.0,
                         help="with --lora-masks: weight holding the background to the base model's prediction")
+    parser.add_argument("--lora-scales", default="1",
+                        help="comma-separated LoRA scales to sample each adapter at (eval-personalization "
+                             "--adapter-weights); scale 1 is reported as lora, others as lora@<scale>")
+    parser.add_argument("--lora-captions", action="store_true",
+                        help="train each reference on its own world caption with the identifier put in "
+                             "(train-lora --caption-column)")
     args = parser.parse_args()
 
     from genaug.artefacts import DatasetWriter, read_dataset
@@ -78,7 +103,8 @@ def main() -> None:
         with DatasetWriter(data, [name]) as writer:
             for i in rows:
                 if f"ref-{i}" not in writer.done_ids:
-                    writer.add(f"ref-{i}", bench.image(i), 0)
+                    caption = identified_caption(bench.records[i]["caption"], name)
+                    writer.add(f"ref-{i}", bench.image(i), 0, caption=caption)
         slug = name.replace(" ", "-")
         masks = None
         if args.lora_masks:  # the main object's visible pixels, as a user's segmentation would give them
@@ -95,21 +121,26 @@ def main() -> None:
                                        use_dora=args.lora_dora, instance_mask_data=str(masks) if masks else None,
                                        mask_background_weight=args.lora_mask_background,
                                        with_prior_preservation=args.lora_prior,
+                                       caption_column="caption" if args.lora_captions else None,
                                        class_prompt=args.lora_class_prompt.format(name),
                                        device="cpu"))
-            trained.append(("lora", out / "lora" / slug, f"sks {name}", time.time() - t0))
+            seconds = time.time() - t0
+            for scale in [float(x) for x in args.lora_scales.split(",")]:
+                kind = "lora" if scale == 1 else f"lora@{scale:g}"
+                trained.append((kind, out / "lora" / slug, f"sks {name}", seconds, scale))
         if "ti" in methods:
             t0 = time.time()
             train_textual_inversion(TextualInversionConfig(model="embedded", instance_data=str(data),
                                                            placeholder_token=f"<{slug}>", initializer_token="shape",
                                                            num_vectors=2, output=str(out / "ti" / slug),
                                                            max_train_steps=args.steps, device="cpu"))
-            trained.append(("ti", out / "ti" / slug, f"<{slug}>", time.time() - t0))
+            trained.append(("ti", out / "ti" / slug, f"<{slug}>", time.time() - t0, 1.0))
         contexts = ["a photo of a {} on grass", "a photo of a {} in the sky"]
-        for kind, adapter, words, seconds in trained:
+        for kind, adapter, words, seconds, scale in trained:
             prompts = [f"a photo of a {words}"] + [c.format(words) for c in contexts]
             report = evaluate_personalization(EvalPersonalizationConfig(
-                model="embedded", adapters=[str(adapter)], references=str(data), prompts=prompts, placeholder=words,
+                model="embedded", adapters=[str(adapter)], adapter_weights=[scale], references=str(data),
+                prompts=prompts, placeholder=words,
                 class_word=name, oracle_class=name, images_per_prompt=args.images,
                 output=str(out / "eval" / kind / slug), device="cpu"))
             # Issue 4's prompt fidelity: CLIP-T on the new-context prompts only (the concept prompt's own CLIP-T
@@ -118,7 +149,8 @@ def main() -> None:
             context = {which: round(sum(report.scores[which]["per_prompt_clip_t"][p] for p in plain_contexts)
                                     / len(plain_contexts), 4) for which in ("adapted", "base")}
             context["ratio"] = round(context["adapted"] / context["base"], 3)
-            results[kind][name] = {**report.scores, "new_context_clip_t": context, "train_seconds": round(seconds, 1)}
+            results.setdefault(kind, {})[name] = {**report.scores, "new_context_clip_t": context,
+                                                  "train_seconds": round(seconds, 1)}
             print(kind, name, json.dumps(results[kind][name]), flush=True)
 
     if "disendiff" in methods:
@@ -155,7 +187,7 @@ def main() -> None:
             print("disendiff", variant, json.dumps(scores), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    for kind in ("lora", "ti"):
+    for kind in [k for k in results if k.startswith("lora")] + ["ti"]:
         if results[kind]:
             print(f"\n{kind}: concept | oracle acc. (base) | CLIP-T of base, new-context prompts | all prompts")
         for name, r in results[kind].items():

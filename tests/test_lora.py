@@ -218,3 +218,38 @@ def test_background_term_holds_the_prediction_outside_the_mask_to_the_base_model
     assert drift[10.0] < 0.5 * drift[0.0], drift
     with pytest.raises(ValueError, match="needs instance_mask_data"):
         _cfg(kit, shape_images, tmp_path / "x", mask_background_weight=1.0)
+
+
+def _captioned(folder, images, captions):
+    from PIL import Image
+
+    from genaug.artefacts import DatasetWriter
+
+    with DatasetWriter(folder, ["concept"]) as writer:
+        for i, (path, caption) in enumerate(zip(sorted(images.iterdir()), captions)):
+            writer.add(f"img-{i}", Image.open(path).convert("RGB"), 0, caption=caption)
+    return folder
+
+
+def test_caption_column_trains_each_image_on_its_own_prompt(kit, shape_images, tmp_path):
+    from genaug.errors import DataError
+
+    prompt = "a photo of sks object on red"
+    same = _captioned(tmp_path / "same", shape_images, [prompt] * 4)
+    by_prompt = train_lora(_cfg(kit, same, tmp_path / "by-prompt", instance_prompt=prompt))
+    by_caption = train_lora(_cfg(kit, same, tmp_path / "by-caption", caption_column="caption"))
+    mixed = _captioned(tmp_path / "mixed", shape_images,
+                       [prompt, "a photo of sks object on blue", "sks object in the sky", "a sks object on grass"])
+    by_mixed = train_lora(_cfg(kit, mixed, tmp_path / "by-mixed", caption_column="caption"))
+    a, _ = read_safetensors(by_prompt.weights)
+    b, _ = read_safetensors(by_caption.weights)
+    c, _ = read_safetensors(by_mixed.weights)
+    for k in a:  # captions that all say the instance prompt are the instance prompt
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-4
+    # The text encoder's LoRA trains through each image's own prompt as well.
+    assert train_lora(_cfg(kit, mixed, tmp_path / "te", caption_column="caption", train_text_encoder=True,
+                           max_train_steps=2)).steps == 2
+    with pytest.raises(DataError, match="has no 'caption' caption"):  # a flat folder has no metadata
+        train_lora(_cfg(kit, shape_images, tmp_path / "flat", caption_column="caption"))
+    assert not (tmp_path / "flat").exists()

@@ -53,6 +53,10 @@ class LoraTrainConfig:
     instance_data: str = option("", "images of the concept: a genaug/imagefolder dataset or a flat folder of images")
     instance_class: str | None = option(None, "use only this class of instance_data (by class name)")
     instance_prompt: str = option("a photo of sks object", "prompt with the rare identifier and the class word")
+    caption_column: str | None = option(
+        None, "metadata column of instance_data holding each image's own prompt, with the identifier (diffusers' "
+              "--caption_column): what else each image shows (its colour, its background) is then named by "
+              "its own words instead of being learned into the identifier; instance_prompt is kept for the record")
     instance_mask_data: str | None = option(
         None, "optional concept masks, one per instance image in the same order (white = concept): the "
               "diffusion loss then covers only the concept, as in Break-A-Scene, so the backgrounds of the few "
@@ -149,6 +153,24 @@ def _load_images(folder: str, class_name: str | None, size: int, where: str) -> 
     return torch.stack([_image_tensor(ds.image(i), size) for i in indices])
 
 
+def _load_captions(folder: str, class_name: str | None, column: str) -> list[str]:
+    """Each instance image's own prompt, in ``_load_images``' order."""
+    ds = read_dataset(folder)
+    indices = range(len(ds))
+    if class_name is not None:
+        label = ds.class_names.index(class_name)  # _load_images has checked the name
+        indices = [i for i in indices if int(ds.records[i]["label"]) == label]
+    captions = []
+    for i in indices:
+        caption = ds.records[i].get(column)
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"image {ds.records[i].get('file_name', i)!r} has no {column!r} caption",
+                            where=f"instance_data={folder}",
+                            fix=f"give every image a non-empty {column!r} in metadata.jsonl, or drop caption_column")
+        captions.append(caption)
+    return captions
+
+
 def load_masks(folder: str, size: int, where: str, class_name: str | None = None) -> torch.Tensor:
     """Binary ``(N, 1, size, size)`` masks from a folder of mask images (white, > 50% grey, = inside)."""
     ds = read_dataset(folder)
@@ -233,6 +255,8 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
 
     # 1. Data: cache latents (both flips) and prompt ids once.
     instance = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
+    captions = (_load_captions(cfg.instance_data, cfg.instance_class, cfg.caption_column)
+                if cfg.caption_column else [cfg.instance_prompt] * len(instance))
     masks = None
     if cfg.instance_mask_data:
         if not Path(cfg.instance_mask_data).exists():
@@ -249,16 +273,17 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
                             fix="white marks the concept: every instance image needs some of it")
     if cfg.random_flip:
         instance = torch.cat([instance, instance.flip(-1)])
+        captions = captions + captions
         masks = torch.cat([masks, masks.flip(-1)]) if masks is not None else None
     # Two runs training into one folder would mix their checkpoints: hold it before writing anything.
     # Under `accelerate launch` only the main process writes (and locks); the others train beside it.
     lock = folder_lock(out, "training an adapter in") if accelerator.is_main_process else contextlib.nullcontext()
     with lock:
-        return _train_lora_locked(cfg, accelerator, pipe, family, size, out, instance, masks)
+        return _train_lora_locked(cfg, accelerator, pipe, family, size, out, instance, captions, masks)
 
 
 def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, size: int, out: Path,
-                       instance: torch.Tensor, masks: torch.Tensor | None) -> LoraTrainResult:
+                       instance: torch.Tensor, captions: list[str], masks: torch.Tensor | None) -> LoraTrainResult:
     """``train_lora`` from the first write on, with the output folder locked."""
     from diffusers import DDPMScheduler
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -286,7 +311,10 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     cls_mean = cls_std = None
     if class_pixels is not None:
         cls_mean, cls_std = _encode_latents(vae, class_pixels)
-    inst_ids = _encode_prompt(pipe, cfg.instance_prompt)
+    # Each instance image's prompt: one row per distinct prompt, and each image's index into them.
+    prompts = sorted(set(captions))
+    inst_ids = torch.cat([_encode_prompt(pipe, prompt) for prompt in prompts])
+    prompt_of = torch.tensor([prompts.index(c) for c in captions])
     cls_ids = _encode_prompt(pipe, cfg.class_prompt)
     scaling = pipe.vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -346,11 +374,11 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
             target = noise
         dev = accelerator.device
         if cfg.train_text_encoder:
-            inst_e = text_encoder(inst_ids.to(dev))[0]
+            inst_e = text_encoder(inst_ids.to(dev))[0][prompt_of[idx]]
             cls_e = text_encoder(cls_ids.to(dev))[0]
         else:
-            inst_e, cls_e = inst_emb, cls_emb
-        cond = inst_e.expand(n_inst, -1, -1)
+            inst_e, cls_e = inst_emb[prompt_of[idx]], cls_emb
+        cond = inst_e
         if cls_mean is not None:
             cond = torch.cat([cond, cls_e.expand(len(latents) - n_inst, -1, -1)])
         # unCLIP layouts learn the concept from text alone: the image condition is the null one
