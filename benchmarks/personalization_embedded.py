@@ -23,6 +23,9 @@
     # each reference trained on its own caption (what else it shows is named, not learned into "sks"):
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/locon-2400-captions \
         --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-captions
+    # prior preservation on 200 captioned pool images (Custom Diffusion's captioned real regularization images):
+    python benchmarks/personalization_embedded.py --world worlds/default --out runs/locon-2400-prior-pool \
+        --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-prior-pool 200
     # masked diffusion loss (Break-A-Scene), the world's object masks as given masks:
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization-locon-masked \
         --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-masks
@@ -66,6 +69,9 @@ def main() -> None:
     parser.add_argument("--lora-dora", action="store_true", help="DoRA: learned magnitudes beside the LoRA")
     parser.add_argument("--lora-prior", action="store_true",
                         help="prior preservation: 50 base-model images of --lora-class-prompt")
+    parser.add_argument("--lora-prior-pool", type=int, default=0,
+                        help="prior preservation on this many captioned pool images (the generator's own training "
+                             "data, drawn at random), each with its caption, as Custom Diffusion regularizes")
     parser.add_argument("--lora-class-prompt", default="a photo of a {}",
                         help="class prompt for --lora-prior; {} is the class name")
     parser.add_argument("--lora-masks", action="store_true",
@@ -96,6 +102,16 @@ def main() -> None:
     results: dict = {"lora": {}, "ti": {}, "disendiff": {}}
     if (out / "results.json").exists():
         results.update(json.loads((out / "results.json").read_text()))
+    prior_pool = None
+    if args.lora_prior_pool:
+        import random
+
+        pool = read_dataset(world / "pool", "train")
+        prior_pool = out / "prior-pool"
+        with DatasetWriter(prior_pool, ["pool"]) as writer:
+            for i in sorted(random.Random(0).sample(range(len(pool)), args.lora_prior_pool)):
+                if pool.records[i]["id"] not in writer.done_ids:
+                    writer.add(pool.records[i]["id"], pool.image(i), 0, caption=pool.records[i]["caption"])
     for name in args.classes or novel:
         label = bench.class_names.index(name)
         rows = [i for i, r in enumerate(bench.records) if int(r["label"]) == label][: args.shots]
@@ -120,9 +136,12 @@ def main() -> None:
                                        rank=args.lora_rank, unet_targets=args.lora_targets, train_batch_size=4,
                                        use_dora=args.lora_dora, instance_mask_data=str(masks) if masks else None,
                                        mask_background_weight=args.lora_mask_background,
-                                       with_prior_preservation=args.lora_prior,
+                                       with_prior_preservation=args.lora_prior or prior_pool is not None,
                                        caption_column="caption" if args.lora_captions else None,
                                        class_prompt=args.lora_class_prompt.format(name),
+                                       class_data=str(prior_pool) if prior_pool else None,
+                                       class_caption_column="caption" if prior_pool else None,
+                                       num_class_images=args.lora_prior_pool or 50,
                                        device="cpu"))
             seconds = time.time() - t0
             for scale in [float(x) for x in args.lora_scales.split(",")]:

@@ -253,3 +253,27 @@ def test_caption_column_trains_each_image_on_its_own_prompt(kit, shape_images, t
     with pytest.raises(DataError, match="has no 'caption' caption"):  # a flat folder has no metadata
         train_lora(_cfg(kit, shape_images, tmp_path / "flat", caption_column="caption"))
     assert not (tmp_path / "flat").exists()
+
+
+def test_class_caption_column_regularizes_on_captioned_images(kit, shape_images, tmp_path):
+    from genaug.errors import DataError
+
+    prompt = "a photo of a circle"
+    same = _captioned(tmp_path / "same", shape_images, [prompt] * 4)
+    common = dict(with_prior_preservation=True, class_data=str(same), num_class_images=4)
+    by_prompt = train_lora(_cfg(kit, shape_images, tmp_path / "by-prompt", class_prompt=prompt, **common))
+    by_caption = train_lora(_cfg(kit, shape_images, tmp_path / "by-caption", class_caption_column="caption", **common))
+    mixed = _captioned(tmp_path / "mixed", shape_images, [prompt, "a red circle on grass", "a circle in the sky", "x"])
+    by_mixed = train_lora(_cfg(kit, shape_images, tmp_path / "by-mixed", class_caption_column="caption",
+                               **{**common, "class_data": str(mixed)}))
+    a, _ = read_safetensors(by_prompt.weights)
+    b, _ = read_safetensors(by_caption.weights)
+    c, _ = read_safetensors(by_mixed.weights)
+    for k in a:  # class captions that all read the class prompt are the class prompt
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-4
+    with pytest.raises(DataError, match="4 class images, 6 asked for"):  # captioned class images are never drawn
+        train_lora(_cfg(kit, shape_images, tmp_path / "few", class_caption_column="caption",
+                        **{**common, "num_class_images": 6}))
+    with pytest.raises(ValueError, match="needs with_prior_preservation and class_data"):
+        _cfg(kit, shape_images, tmp_path / "x", class_caption_column="caption", with_prior_preservation=True)

@@ -68,6 +68,10 @@ class LoraTrainConfig:
     output: str = option("adapters/lora", "adapter folder to write")
     with_prior_preservation: bool = option(False, "add the prior-preservation loss on class images")
     class_prompt: str = option("a photo of an object", "prompt for the class images (prior preservation)")
+    class_caption_column: str | None = option(
+        None, "metadata column of class_data holding each class image's own prompt (prior preservation on "
+              "captioned real images, as Custom Diffusion regularizes with captioned LAION images); the class "
+              "images are then the user's, never drawn, and class_prompt is unused")
     class_data: str | None = option(None, "folder of class images; drawn by the base model when missing")
     num_class_images: int = option(50, "class images to use (generated if class_data has fewer)")
     prior_loss_weight: float = option(1.0, "weight of the prior-preservation loss")
@@ -117,6 +121,8 @@ class LoraTrainConfig:
         if self.mask_background_weight and self.train_text_encoder:
             # The base prediction would need the text encoder without its LoRA as well: one more forward per step.
             raise ValueError("mask_background_weight works with a frozen text encoder: turn off train_text_encoder")
+        if self.class_caption_column and not (self.with_prior_preservation and self.class_data):
+            raise ValueError("class_caption_column needs with_prior_preservation and class_data (captioned images)")
         if self.use_dora and (self.kohya_export or self.train_text_encoder):
             # kohya's converter has no DoRA magnitudes, and stock diffusers drops the text encoder's on load.
             raise ValueError("use_dora works on the UNet alone: turn off kohya_export and train_text_encoder")
@@ -153,8 +159,8 @@ def _load_images(folder: str, class_name: str | None, size: int, where: str) -> 
     return torch.stack([_image_tensor(ds.image(i), size) for i in indices])
 
 
-def _load_captions(folder: str, class_name: str | None, column: str) -> list[str]:
-    """Each instance image's own prompt, in ``_load_images``' order."""
+def _load_captions(folder: str, class_name: str | None, column: str, where: str) -> list[str]:
+    """Each image's own prompt, in ``_load_images``' order."""
     ds = read_dataset(folder)
     indices = range(len(ds))
     if class_name is not None:
@@ -165,8 +171,8 @@ def _load_captions(folder: str, class_name: str | None, column: str) -> list[str
         caption = ds.records[i].get(column)
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"image {ds.records[i].get('file_name', i)!r} has no {column!r} caption",
-                            where=f"instance_data={folder}",
-                            fix=f"give every image a non-empty {column!r} in metadata.jsonl, or drop caption_column")
+                            where=f"{where}={folder}",
+                            fix=f"give every image a non-empty {column!r} in metadata.jsonl, or drop the caption column")
         captions.append(caption)
     return captions
 
@@ -221,7 +227,7 @@ def _ensure_class_images(cfg: LoraTrainConfig, out: Path, size: int) -> str:
     folder = cfg.class_data or str(out / "class_images")
     have = len(read_dataset(folder)) if Path(folder).is_dir() and any(Path(folder).iterdir()) else 0
     if have < cfg.num_class_images:
-        if cfg.class_data and have:
+        if cfg.class_data and (have or cfg.class_caption_column):  # captioned class images are never drawn
             raise DataError(f"{have} class images, {cfg.num_class_images} asked for", where=folder,
                             fix="add images or lower num_class_images")
         synthesize(SynthConfig(model=cfg.model, output=folder, class_names=[cfg.class_prompt], prompt_templates=["{}"],
@@ -255,7 +261,7 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
 
     # 1. Data: cache latents (both flips) and prompt ids once.
     instance = _load_images(cfg.instance_data, cfg.instance_class, size, "instance_data")
-    captions = (_load_captions(cfg.instance_data, cfg.instance_class, cfg.caption_column)
+    captions = (_load_captions(cfg.instance_data, cfg.instance_class, cfg.caption_column, "instance_data")
                 if cfg.caption_column else [cfg.instance_prompt] * len(instance))
     masks = None
     if cfg.instance_mask_data:
@@ -293,13 +299,17 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     main = accelerator.is_main_process
     if main:
         discard_partial_writes(out, out / "run", out / "checkpoints")  # a killed run's temporaries
-    class_pixels = None
+    class_pixels, class_captions = None, []
     if cfg.with_prior_preservation:
         if main:  # the base model draws missing class images once, for every process
             _ensure_class_images(cfg, out, size)
         accelerator.wait_for_everyone()
         class_folder = cfg.class_data or str(out / "class_images")
         class_pixels = _load_images(class_folder, None, size, "class_data")[: cfg.num_class_images]
+        class_captions = [cfg.class_prompt] * len(class_pixels)
+        if cfg.class_caption_column:
+            class_captions = _load_captions(class_folder, None, cfg.class_caption_column, "class_data")
+            class_captions = class_captions[: cfg.num_class_images]
     out.mkdir(parents=True, exist_ok=True)
     record = RunRecord.start(out / "run", "train-lora", cfg) if main else None
     vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
@@ -311,11 +321,13 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     cls_mean = cls_std = None
     if class_pixels is not None:
         cls_mean, cls_std = _encode_latents(vae, class_pixels)
-    # Each instance image's prompt: one row per distinct prompt, and each image's index into them.
+    # One row of ids per distinct prompt, and each image's index into them (a single row without captions).
     prompts = sorted(set(captions))
     inst_ids = torch.cat([_encode_prompt(pipe, prompt) for prompt in prompts])
     prompt_of = torch.tensor([prompts.index(c) for c in captions])
-    cls_ids = _encode_prompt(pipe, cfg.class_prompt)
+    class_prompts = sorted(set(class_captions)) or [cfg.class_prompt]
+    cls_ids = torch.cat([_encode_prompt(pipe, prompt) for prompt in class_prompts])
+    class_prompt_of = torch.tensor([class_prompts.index(c) for c in class_captions], dtype=torch.long)
     scaling = pipe.vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -380,7 +392,7 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
             inst_e, cls_e = inst_emb[prompt_of[idx]], cls_emb
         cond = inst_e
         if cls_mean is not None:
-            cond = torch.cat([cond, cls_e.expand(len(latents) - n_inst, -1, -1)])
+            cond = torch.cat([cond, cls_e[class_prompt_of[cidx]]])
         # unCLIP layouts learn the concept from text alone: the image condition is the null one
         # (zeros), exactly what text-only sampling feeds the UNet.
         class_labels = None
