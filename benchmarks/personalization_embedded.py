@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--lora-prior-pool", type=int, default=0,
                         help="prior preservation on this many captioned pool images (the generator's own training "
                              "data, drawn at random), each with its caption, as Custom Diffusion regularizes")
+    parser.add_argument("--lora-prior-weight", type=float, default=1.0, help="prior loss weight (train-lora's)")
     parser.add_argument("--lora-class-prompt", default="a photo of a {}",
                         help="class prompt for --lora-prior; {} is the class name")
     parser.add_argument("--lora-masks", action="store_true",
@@ -119,8 +120,8 @@ def main() -> None:
         with DatasetWriter(data, [name]) as writer:
             for i in rows:
                 if f"ref-{i}" not in writer.done_ids:
-                    caption = identified_caption(bench.records[i]["caption"], name)
-                    writer.add(f"ref-{i}", bench.image(i), 0, caption=caption)
+                    caption = identified_caption(bench.records[i]["caption"], name) if args.lora_captions else None
+                    writer.add(f"ref-{i}", bench.image(i), 0, **({"caption": caption} if caption else {}))
         slug = name.replace(" ", "-")
         masks = None
         if args.lora_masks:  # the main object's visible pixels, as a user's segmentation would give them
@@ -142,6 +143,7 @@ def main() -> None:
                                        class_data=str(prior_pool) if prior_pool else None,
                                        class_caption_column="caption" if prior_pool else None,
                                        num_class_images=args.lora_prior_pool or 50,
+                                       prior_loss_weight=args.lora_prior_weight,
                                        device="cpu"))
             seconds = time.time() - t0
             for scale in [float(x) for x in args.lora_scales.split(",")]:
