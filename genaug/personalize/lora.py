@@ -145,9 +145,9 @@ def _image_tensor(image, size: int) -> torch.Tensor:
     return arr.permute(2, 0, 1)
 
 
-def _load_images(folder: str, class_name: str | None, size: int, where: str) -> torch.Tensor:
-    ds = read_dataset(folder)
-    indices = range(len(ds))
+def _class_indices(ds, folder: str, class_name: str | None, where: str) -> list[int]:
+    """Indices of ``ds`` to train on: all of them, or those of one class."""
+    indices = list(range(len(ds)))
     if class_name is not None:
         if class_name not in ds.class_names:
             raise DataError(f"class {class_name!r} not in the dataset", where=folder,
@@ -156,18 +156,19 @@ def _load_images(folder: str, class_name: str | None, size: int, where: str) -> 
         indices = [i for i in indices if int(ds.records[i]["label"]) == label]
     if not indices:
         raise DataError("no images to train on", where=f"{where}={folder}")
-    return torch.stack([_image_tensor(ds.image(i), size) for i in indices])
+    return indices
+
+
+def _load_images(folder: str, class_name: str | None, size: int, where: str) -> torch.Tensor:
+    ds = read_dataset(folder)
+    return torch.stack([_image_tensor(ds.image(i), size) for i in _class_indices(ds, folder, class_name, where)])
 
 
 def _load_captions(folder: str, class_name: str | None, column: str, where: str) -> list[str]:
     """Each image's own prompt, in ``_load_images``' order."""
     ds = read_dataset(folder)
-    indices = range(len(ds))
-    if class_name is not None:
-        label = ds.class_names.index(class_name)  # _load_images has checked the name
-        indices = [i for i in indices if int(ds.records[i]["label"]) == label]
     captions = []
-    for i in indices:
+    for i in _class_indices(ds, folder, class_name, where):
         caption = ds.records[i].get(column)
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"image {ds.records[i].get('file_name', i)!r} has no {column!r} caption",
