@@ -45,6 +45,13 @@ def test_scores_lora_and_ti_against_the_base(kit, shape_images, oracle_dir, tmp_
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["scores"] == result.scores
     assert (tmp_path / "report" / "samples-adapted.png").is_file() and (tmp_path / "report" / "report.md").is_file()
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| prompt | CLIP-T adapted | CLIP-T base | oracle acc. adapted | oracle acc. base |" in markdown
+    adapted, base = result.scores["adapted"], result.scores["base"]
+    row = [adapted["per_prompt_clip_t"]["a object on the beach"], base["per_prompt_clip_t"]["a object on the beach"],
+           adapted["per_prompt_oracle_accuracy"]["a <toy> sks on the beach"],
+           base["per_prompt_oracle_accuracy"]["a object on the beach"]]
+    assert "| a <toy> sks on the beach | " + " | ".join(map(str, row)) + " |" in markdown
     # The adapters change the samples (same seeds, different pictures).
     assert (tmp_path / "report" / "samples-adapted.png").read_bytes() != \
         (tmp_path / "report" / "samples-base.png").read_bytes()

@@ -181,10 +181,18 @@ def evaluate_personalization(cfg: EvalPersonalizationConfig) -> EvalPersonalizat
     lines = ["| model | CLIP-I | CLIP-T | feature sim. | oracle acc. |", "|---|---|---|---|---|"]
     for name, s in scores.items():
         lines.append(f"| {name} | {s['clip_i']} | {s['clip_t']} | {s['feature_similarity']} | {s['oracle_accuracy']} |")
-    lines += ["", "CLIP-T per prompt (placeholder replaced by the class word):", "",
-              "| prompt | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
-    for prompt in plain:
-        lines.append(f"| {prompt} | " + " | ".join(str(s["per_prompt_clip_t"][prompt]) for s in scores.values()) + " |")
+    # Per prompt, since a mean over prompts can hide a concept that is drawn alone but lost in new contexts.
+    run_prompts = {name: prompts for name, _, prompts in runs}
+    columns = [f"CLIP-T {name}" for name in scores]
+    if oracle_label is not None:
+        columns += [f"oracle acc. {name}" for name in scores]
+    lines += ["", "Per prompt (CLIP-T reads the prompt with the class word in place of the placeholder):", "",
+              "| prompt | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for i, prompt in enumerate(plain):
+        cells = [str(s["per_prompt_clip_t"][prompt]) for s in scores.values()]
+        if oracle_label is not None:
+            cells += [str(s["per_prompt_oracle_accuracy"][run_prompts[name][i]]) for name, s in scores.items()]
+        lines.append(f"| {cfg.prompts[i]} | " + " | ".join(cells) + " |")
     write_report(out, {"scores": scores, "prompts": cfg.prompts, "adapters": cfg.adapters,
                        "oracle_class": cfg.oracle_class, "seconds": round(time.time() - t0, 2)},
                  "# Personalization evaluation\n\n" + "\n".join(lines) + "\n\nSamples: `samples-adapted.png`, "
