@@ -172,8 +172,8 @@ def _load_captions(folder: str, class_name: str | None, column: str, where: str)
         caption = ds.records[i].get(column)
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"image {ds.records[i].get('file_name', i)!r} has no {column!r} caption",
-                            where=f"{where}={folder}",
-                            fix=f"give every image a non-empty {column!r} in metadata.jsonl, or drop the caption column")
+                            where=f"{where}={folder}", fix=f"give every image a non-empty {column!r} in "
+                                                           "metadata.jsonl, or drop the caption column")
         captions.append(caption)
     return captions
 
@@ -214,11 +214,12 @@ def _encode_latents(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def _encode_prompt(pipe, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+def _prompt_ids(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids with one row per distinct prompt, and each item's row: each distinct prompt is embedded once."""
+    distinct = sorted(set(prompts))
+    ids = pipe.tokenizer(distinct, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    return ids
+    return ids, torch.tensor([distinct.index(p) for p in prompts], dtype=torch.long)
 
 
 def _ensure_class_images(cfg: LoraTrainConfig, out: Path, size: int) -> str:
@@ -322,13 +323,8 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     cls_mean = cls_std = None
     if class_pixels is not None:
         cls_mean, cls_std = _encode_latents(vae, class_pixels)
-    # One row of ids per distinct prompt, and each image's index into them (a single row without captions).
-    prompts = sorted(set(captions))
-    inst_ids = torch.cat([_encode_prompt(pipe, prompt) for prompt in prompts])
-    prompt_of = torch.tensor([prompts.index(c) for c in captions])
-    class_prompts = sorted(set(class_captions)) or [cfg.class_prompt]
-    cls_ids = torch.cat([_encode_prompt(pipe, prompt) for prompt in class_prompts])
-    class_prompt_of = torch.tensor([class_prompts.index(c) for c in class_captions], dtype=torch.long)
+    inst_ids, inst_row = _prompt_ids(pipe, captions)  # a single row without captions
+    cls_ids, cls_row = _prompt_ids(pipe, class_captions) if class_captions else (None, None)
     scaling = pipe.vae.config.scaling_factor
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -357,10 +353,13 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
     if cfg.resume and list_checkpoints(out / "checkpoints"):
         start_step = load_training_state(list_checkpoints(out / "checkpoints")[-1], params, optimizer)
 
+    def embed(ids: torch.Tensor) -> torch.Tensor:
+        return text_encoder(ids.to(accelerator.device))[0]
+
     # Frozen text encoder: embed each prompt once.
     with torch.no_grad():
-        inst_emb = text_encoder(inst_ids.to(accelerator.device))[0] if not cfg.train_text_encoder else None
-        cls_emb = text_encoder(cls_ids.to(accelerator.device))[0] if not cfg.train_text_encoder else None
+        inst_emb = embed(inst_ids) if not cfg.train_text_encoder else None
+        cls_emb = embed(cls_ids) if cls_ids is not None and not cfg.train_text_encoder else None
 
     # 3. Train.
     unet.train()
@@ -386,14 +385,10 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
         else:
             target = noise
         dev = accelerator.device
-        if cfg.train_text_encoder:
-            inst_e = text_encoder(inst_ids.to(dev))[0][prompt_of[idx]]
-            cls_e = text_encoder(cls_ids.to(dev))[0]
-        else:
-            inst_e, cls_e = inst_emb[prompt_of[idx]], cls_emb
-        cond = inst_e
+        cond = (embed(inst_ids) if cfg.train_text_encoder else inst_emb)[inst_row[idx]]
         if cls_mean is not None:
-            cond = torch.cat([cond, cls_e[class_prompt_of[cidx]]])
+            cls_e = embed(cls_ids) if cfg.train_text_encoder else cls_emb
+            cond = torch.cat([cond, cls_e[cls_row[cidx]]])
         # unCLIP layouts learn the concept from text alone: the image condition is the null one
         # (zeros), exactly what text-only sampling feeds the UNet.
         class_labels = None
@@ -416,7 +411,7 @@ def _train_lora_locked(cfg: LoraTrainConfig, accelerator, pipe, family: str, siz
                 loss = loss + cfg.mask_background_weight * masked_mse(pred[:n_inst], base, 1.0 - mask)
         else:
             loss = F.mse_loss(pred[:n_inst], target[:n_inst])
-        if cls_mean is not None:  # class images are the base model's own: their whole frame is the prior
+        if cls_mean is not None:  # the prior covers the class images' whole frame
             loss = loss + cfg.prior_loss_weight * F.mse_loss(pred[n_inst:], target[n_inst:])
         require_finite(loss, step, cfg.output)
         accelerator.backward(loss)
