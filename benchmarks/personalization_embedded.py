@@ -26,6 +26,10 @@
     # prior preservation on 200 captioned pool images (Custom Diffusion's captioned real regularization images):
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/locon-2400-prior-pool \
         --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-prior-pool 200
+    # the same adapters sampled with delayed subject conditioning (FastComposer): the base model draws the first
+    # 30% / 50% of the steps on the class-word prompt, then the adapter joins (reported as lora+delay0.3, ...):
+    python benchmarks/personalization_embedded.py --world worlds/default --out runs/locon-2400-delay \
+        --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-starts 0,0.3,0.5 --reuse-adapters
     # masked diffusion loss (Break-A-Scene), the world's object masks as given masks:
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization-locon-masked \
         --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-masks
@@ -82,6 +86,11 @@ def main() -> None:
     parser.add_argument("--lora-scales", default="1",
                         help="comma-separated LoRA scales to sample each adapter at (eval-personalization "
                              "--adapter-weights); scale 1 is reported as lora, others as lora@<scale>")
+    parser.add_argument("--lora-starts", default="0",
+                        help="comma-separated adapter starts: each LoRA is also sampled with the base model drawing "
+                             "this fraction of the steps first (eval-personalization --adapter-start)")
+    parser.add_argument("--reuse-adapters", action="store_true",
+                        help="evaluate a LoRA already trained in --out with the same steps instead of training it")
     parser.add_argument("--lora-captions", action="store_true",
                         help="train each reference on its own world caption with the identifier put in "
                              "(train-lora --caption-column)")
@@ -129,11 +138,18 @@ def main() -> None:
             object_masks = world_object_masks(world, "bench/train", ids)
             masks = write_masks(out / "masks" / slug, {f"mask-{i}": object_masks[i][0] for i in ids})
         trained = []
-        if "lora" in methods:
+        lora_steps = args.lora_steps or args.steps
+        finished = out / "lora" / slug / "run" / "metrics.json"
+        reuse = args.reuse_adapters and finished.is_file() and \
+            json.loads(finished.read_text()).get("steps") == lora_steps
+        if "lora" in methods and reuse:
+            seconds = json.loads(finished.read_text())["seconds"]
+            print(f"reusing the trained adapter in {out / 'lora' / slug}", flush=True)
+        elif "lora" in methods:
             t0 = time.time()
             train_lora(LoraTrainConfig(model="embedded", instance_data=str(data),
                                        instance_prompt=f"a photo of a sks {name}", output=str(out / "lora" / slug),
-                                       max_train_steps=args.lora_steps or args.steps, learning_rate=args.lora_lr,
+                                       max_train_steps=lora_steps, learning_rate=args.lora_lr,
                                        rank=args.lora_rank, unet_targets=args.lora_targets, train_batch_size=4,
                                        use_dora=args.lora_dora, instance_mask_data=str(masks) if masks else None,
                                        mask_background_weight=args.lora_mask_background,
@@ -146,23 +162,25 @@ def main() -> None:
                                        prior_loss_weight=args.lora_prior_weight,
                                        device="cpu"))
             seconds = time.time() - t0
+        if "lora" in methods:
             for scale in [float(x) for x in args.lora_scales.split(",")]:
-                kind = "lora" if scale == 1 else f"lora@{scale:g}"
-                trained.append((kind, out / "lora" / slug, f"sks {name}", seconds, scale))
+                for start in [float(x) for x in args.lora_starts.split(",")]:
+                    kind = ("lora" if scale == 1 else f"lora@{scale:g}") + (f"+delay{start:g}" if start else "")
+                    trained.append((kind, out / "lora" / slug, f"sks {name}", seconds, scale, start))
         if "ti" in methods:
             t0 = time.time()
             train_textual_inversion(TextualInversionConfig(model="embedded", instance_data=str(data),
                                                            placeholder_token=f"<{slug}>", initializer_token="shape",
                                                            num_vectors=2, output=str(out / "ti" / slug),
                                                            max_train_steps=args.steps, device="cpu"))
-            trained.append(("ti", out / "ti" / slug, f"<{slug}>", time.time() - t0, 1.0))
+            trained.append(("ti", out / "ti" / slug, f"<{slug}>", time.time() - t0, 1.0, 0.0))
         contexts = ["a photo of a {} on grass", "a photo of a {} in the sky"]
-        for kind, adapter, words, seconds, scale in trained:
+        for kind, adapter, words, seconds, scale, start in trained:
             prompts = [f"a photo of a {words}"] + [c.format(words) for c in contexts]
             report = evaluate_personalization(EvalPersonalizationConfig(
                 model="embedded", adapters=[str(adapter)], adapter_weights=[scale], references=str(data),
                 prompts=prompts, placeholder=words,
-                class_word=name, oracle_class=name, images_per_prompt=args.images,
+                class_word=name, oracle_class=name, images_per_prompt=args.images, adapter_start=start,
                 output=str(out / "eval" / kind / slug), device="cpu"))
             # Issue 4's prompt fidelity: CLIP-T on the new-context prompts only (the concept prompt's own CLIP-T
             # is kept in "clip_t", over all three prompts, as before).

@@ -17,6 +17,11 @@ classifier-free guidance — every image saved as PNG.
   (f) with ``--large-batch-size N``: (b) and (c) again at batch N, eager. Ratio (a) is the engine
       against one pipeline call per image, so the engine may use the batch it runs best at; (b)
       is measured again at that same batch.
+  (g) with ``--workers N``: (c) with ``synth --workers N``, N processes each drawing an interleaved shard
+      with ``--threads``/N torch threads at the same batch size, merged into one dataset at the end. Its
+      clock also covers starting the processes, their model loading and the merge (the others' excludes
+      loading); reported beside it, the slowest worker's own clock, which (like the others') starts once
+      its model is loaded. Its peak RSS is this process's plus N times the largest worker's (an upper bound).
 
 The per-image loop is slow and steady, so it runs on the first ``--loop-images`` images only; ratios
 are of images/s.
@@ -89,7 +94,7 @@ def _stock(args, batch_size: int, out_dir: str, n_images: int, inductor_cache: s
     queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _engine(args, batch_size: int, out_dir: str, inductor_cache: str | None, queue) -> None:
+def _engine(args, batch_size: int, out_dir: str, inductor_cache: str | None, workers: int, queue) -> None:
     import os
 
     if inductor_cache:  # before torch is imported, so inductor reads it
@@ -110,10 +115,17 @@ def _engine(args, batch_size: int, out_dir: str, inductor_cache: str | None, que
     cfg = SynthConfig(model=args.model, output=str(Path(out_dir) / "synth"), method="augcond", augcond_mode="none",
                       real_data=str(subset), per_real=1, prompt_templates=["a photo of a {}"],
                       guidance_scale=args.guidance, num_inference_steps=args.steps, batch_size=batch_size,
-                      device="cpu", seed=0, compile=bool(inductor_cache))
-    # The engine's own clock covers sampling and writing (not model loading), like the stock runs'.
+                      device="cpu", seed=0, compile=bool(inductor_cache), workers=workers)
+    # The engine's own clock covers sampling and writing (not model loading), like the stock runs'; with workers
+    # it covers everything from starting them to the merged dataset.
     seconds = synthesize(cfg).seconds
-    queue.put({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    extra = {}
+    if workers > 1:
+        peak += workers * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        metrics = json.loads((Path(out_dir) / "synth" / "run" / "metrics.json").read_text())
+        extra["sampling_seconds"] = metrics["slowest_worker_seconds"]
+    queue.put({"seconds": seconds, "peak_rss_mb": peak, **extra})
 
 
 def main() -> None:
@@ -132,6 +144,8 @@ def main() -> None:
     parser.add_argument("--large-batch-size", type=int, default=0,
                         help="also run (b) and (c) at this batch size (eager), for ratio (a) at the engine's "
                              "best batch and ratio (b) there too")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also run (g): the engine with this many worker processes (--threads shared out)")
     args = parser.parse_args()
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,15 +161,18 @@ def main() -> None:
             d = Path(tmp) / f"round{r}"
             variants = {"stock_loop": (_stock, 1, min(args.loop_images, n)),
                         "stock_batched": (_stock, args.batch_size, n), "engine": (_engine, args.batch_size, None)}
+            if args.workers > 1:
+                variants["engine_workers"] = (_engine, args.batch_size, None)
             if args.large_batch_size:
                 variants["stock_batched_large"] = (_stock, args.large_batch_size, n)
                 variants["engine_large"] = (_engine, args.large_batch_size, None)
             results = {}
             for name, (target, batch, count) in variants.items():
                 (d / name).mkdir(parents=True)
-                extra = (count, None) if target is _stock else (None,)
+                extra = (count, None) if target is _stock else (None, args.workers if name == "engine_workers" else 1)
                 results[name] = run_isolated(target, args, batch, str(d / name), *extra)
             rounds.append(results)
+        sampling = [r["engine_workers"]["sampling_seconds"] for r in rounds] if args.workers > 1 else []
         runs = {name: {"seconds": float(np.median([r[name]["seconds"] for r in rounds])),
                        "all_seconds": [round(r[name]["seconds"], 2) for r in rounds],
                        "peak_rss_mb": max(r[name]["peak_rss_mb"] for r in rounds)} for name in rounds[0]}
@@ -163,9 +180,9 @@ def main() -> None:
                     engine=Path(tmp) / "round0/engine")
         if not args.no_compile:
             runs["engine_compiled_cold_cache"] = run_isolated(_engine, args, args.batch_size,
-                                                              str(dirs["compiled-cold"]), cache)
+                                                              str(dirs["compiled-cold"]), cache, 1)
             runs["engine_compiled_warm_cache"] = run_isolated(_engine, args, args.batch_size,
-                                                              str(dirs["compiled-warm"]), cache)
+                                                              str(dirs["compiled-warm"]), cache, 1)
         if args.stock_compiled:
             runs["stock_batched_compiled"] = run_isolated(
                 _stock, args, args.batch_size, str(dirs["stock-compiled"]), n, cache)
@@ -178,6 +195,8 @@ def main() -> None:
                            for i, r in enumerate(ds.records)))
 
         diffs = {"engine": largest_difference(dirs["engine"])}
+        if args.workers > 1:
+            diffs["engine_workers"] = largest_difference(Path(tmp) / "round0/engine_workers")
         if args.large_batch_size:  # same per-item seeds: equal across batch sizes within 2/255
             diffs["engine_large"] = largest_difference(Path(tmp) / "round0/engine_large")
         if not args.no_compile:
@@ -192,6 +211,14 @@ def main() -> None:
         "seconds_per_round": {name: r["all_seconds"] for name, r in runs.items() if "all_seconds" in r},
         "engine_vs_stock_loop": round(rate["engine"] / rate["stock_loop"], 2),
         "engine_vs_stock_batched": round(rate["engine"] / rate["stock_batched"], 2),
+        **({"workers": args.workers,
+            "engine_workers_vs_stock_batched": round(rate["engine_workers"] / rate["stock_batched"], 2),
+            "engine_workers_vs_engine": round(rate["engine_workers"] / rate["engine"], 2),
+            "engine_workers_vs_stock_loop": round(rate["engine_workers"] / rate["stock_loop"], 2),
+            "engine_workers_sampling_seconds_per_round": [round(x, 2) for x in sampling],
+            "engine_workers_sampling_vs_stock_batched": round(runs["stock_batched"]["seconds"]
+                                                              / float(np.median(sampling)), 2)}
+           if args.workers > 1 else {}),
         **{f"{name}_vs_stock_batched": round(rate[name] / rate["stock_batched"], 2)
            for name in rate if name.startswith(("engine_compiled", "stock_batched_compiled"))},
         **({"large_batch_size": args.large_batch_size,
@@ -200,7 +227,8 @@ def main() -> None:
            if args.large_batch_size else {}),
         "peak_rss_mb": {name: round(r["peak_rss_mb"]) for name, r in runs.items()},
         "max_pixel_difference_vs_stock_batched": diffs,
-        "timed": "sampling + PNG writing (and the compile, where there is one); model loading excluded",
+        "timed": "sampling + PNG writing (and the compile, where there is one); model loading excluded, except "
+                 "for engine_workers (process start, model loading and the merge included)",
     }
     print(json.dumps(report, indent=2))
 

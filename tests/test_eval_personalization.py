@@ -64,3 +64,36 @@ def test_bad_requests_fail_clearly(kit, shape_images, oracle_dir, tmp_path):
         evaluate_personalization(EvalPersonalizationConfig(
             model=str(kit("sd15")), references=str(shape_images), prompts=["x"], oracle_class="unicorn",
             clip_model=str(kit("clip")), oracle=str(oracle_dir), output=str(tmp_path / "r"), device="cpu"))
+
+
+def test_delayed_adapters_start_from_the_base_models_layout(kit, shape_images, tmp_path):
+    """FastComposer's delayed subject conditioning: the first steps are the base model's on the class-word prompt."""
+    import torch
+
+    from genaug.models.loading import load_pipeline
+    from genaug.personalize.evaluate import load_adapters, sample_prompts
+
+    train_lora(LoraTrainConfig(model=str(kit("sd15")), instance_data=str(shape_images), output=str(tmp_path / "lora"),
+                               instance_prompt="a photo of sks object", max_train_steps=3, train_batch_size=2,
+                               learning_rate=1e-2, train_text_encoder=True, device="cpu"))
+    adapted, plain = ["a sks object on the beach"], ["a object on the beach"]
+
+    def draw(pipe, prompts, start, early=None):
+        cfg = EvalPersonalizationConfig(prompts=prompts, placeholder="sks object", class_word="object",
+                                        adapter_start=start, num_inference_steps=4, device="cpu")
+        return sample_prompts(pipe, prompts, 2, cfg, early)
+
+    base = draw(load_pipeline(str(kit("sd15")), device="cpu", dtype="float32"), plain, 0.0)
+    pipe = load_pipeline(str(kit("sd15")), device="cpu", dtype="float32")
+    load_adapters(pipe, [str(tmp_path / "lora")], [])
+    full = draw(pipe, adapted, 0.0)
+    assert not torch.equal(full, base)
+    # Every step delayed: the base model on the class-word prompt (the UNet's and text encoder's LoRA both off).
+    assert torch.equal(draw(pipe, adapted, 0.99, plain), base)
+    half = draw(pipe, adapted, 0.5, plain)
+    assert not torch.equal(half, base) and not torch.equal(half, full)
+    assert torch.equal(draw(pipe, adapted, 0.0), full)  # the adapters are back on afterwards
+    with pytest.raises(ValueError, match="adapter_start must be in"):
+        EvalPersonalizationConfig(prompts=["x"], placeholder="x", adapter_start=1.0)
+    with pytest.raises(ValueError, match="needs placeholder"):
+        EvalPersonalizationConfig(prompts=["x"], adapter_start=0.5)

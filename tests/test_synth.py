@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import torch
 import pytest
@@ -67,6 +69,8 @@ def test_budgets_from_real_data(kit, tmp_path):
     (dict(class_names=[]), "real_data or class_names"),
     (dict(prompt_templates=["no slot"]), "has no"),
     (dict(resolution=30), "multiple of 8"),
+    (dict(workers=0), "workers must be >= 1"),
+    (dict(workers=2, shard="0/2"), "leave shard and merge_shards unset"),
 ])
 def test_config_checks(kw, msg):
     base = dict(model="m", class_names=["a"])
@@ -203,6 +207,30 @@ def test_shards_merge_into_the_unsharded_dataset(kit, tmp_path):
         SynthConfig(model="m", class_names=["a"], shard="2")
     with pytest.raises(ValueError, match=r"\[0, N\)"):
         SynthConfig(model="m", class_names=["a"], shard="2/2")
+
+
+def test_workers_write_the_one_process_dataset(kit, tmp_path):
+    from genaug.errors import ModelError
+
+    synthesize(_cfg(kit, tmp_path / "whole", images_per_class=3))
+    two = synthesize(_cfg(kit, tmp_path / "two", images_per_class=3, workers=2))
+    assert (two.planned, two.generated) == (6, 6)
+    whole_ds, two_ds = read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "two")
+    assert_same_images(whole_ds, two_ds, in_order=True)
+    assert two_ds.records == whole_ds.records  # the same metadata, line for line
+    assert not (tmp_path / "two" / "shards").exists()  # merged, then removed
+    metrics = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["generated"] == 6 and metrics["seconds"] == two.seconds
+    # A grown budget: the workers draw only the new images; a rerun draws nothing (and starts no process).
+    more = synthesize(_cfg(kit, tmp_path / "two", images_per_class=4, workers=2))
+    assert (more.generated, more.skipped_existing) == (2, 6)
+    synthesize(_cfg(kit, tmp_path / "whole", images_per_class=4))
+    assert_same_images(read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "two"), in_order=True)
+    assert synthesize(_cfg(kit, tmp_path / "two", images_per_class=4, workers=2)).generated == 0
+    # A worker's one-line error reaches the caller as its own class; nothing is written.
+    with pytest.raises(ModelError, match="model_index.json missing"):
+        synthesize(_cfg(kit, tmp_path / "bad", model=str(tmp_path), workers=2))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_adapters_and_class_words_reach_the_prompts(kit, shape_images, tmp_path):

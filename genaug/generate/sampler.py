@@ -10,7 +10,9 @@ none. This sampler runs the UNet of an SD-family or unCLIP-family pipeline direc
   UNet runs only on the items already active;
 * unCLIP conditioning: the noise-augmented CLIP image embedding enters through the UNet's class
   embedding; the null condition is all zeros, as in ``StableUnCLIPImg2ImgPipeline``'s
-  classifier-free guidance, which makes text-only sampling of unCLIP models possible.
+  classifier-free guidance, which makes text-only sampling of unCLIP models possible;
+* delayed adapters (FastComposer's delayed subject conditioning): the first steps run the base UNet on a
+  prompt without the concept, then the adapters join.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ class Conditioning:
     negative_embeds: torch.Tensor
     class_labels: torch.Tensor | None = None
     negative_class_labels: torch.Tensor | None = None
+
+
+@dataclass
+class DelayedAdapters:
+    """FastComposer's delayed subject conditioning (Xiao et al. 2023), for LoRA and textual-inversion adapters:
+    the first ``steps`` denoising steps run the base UNet (its LoRA layers off) on ``cond``, the prompt with the
+    class word in place of the concept's words. The early, high-noise steps lay out the scene as the base model
+    does; the adapters then draw the concept into it."""
+
+    steps: int
+    cond: Conditioning
 
 
 class Sampler:
@@ -103,8 +116,23 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, cond: Conditioning, generators: list[torch.Generator], *, size: int, num_steps: int,
                guidance_scale: float | torch.Tensor, init_latents: torch.Tensor | None = None,
-               strengths: torch.Tensor | None = None) -> np.ndarray:
+               strengths: torch.Tensor | None = None, delayed: DelayedAdapters | None = None) -> np.ndarray:
         """Denoise one batch; returns uint8 images (B, H, W, 3)."""
+        if delayed is None or delayed.steps == 0:
+            return self._denoise(cond, generators, size, num_steps, guidance_scale, init_latents, strengths, None)
+        # peft's switch for every LoRA layer of the UNet; a UNet without LoRA (textual inversion) has none.
+        has_lora = getattr(self.unet, "_hf_peft_config_loaded", False)
+        try:
+            if has_lora:
+                self.unet.disable_adapters()
+            return self._denoise(cond, generators, size, num_steps, guidance_scale, init_latents, strengths, delayed)
+        finally:
+            if has_lora:
+                self.unet.enable_adapters()
+
+    def _denoise(self, cond: Conditioning, generators: list[torch.Generator], size: int, num_steps: int,
+                 guidance_scale: float | torch.Tensor, init_latents: torch.Tensor | None,
+                 strengths: torch.Tensor | None, delayed: DelayedAdapters | None) -> np.ndarray:
         batch = len(generators)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         shape = (self.unet.config.in_channels, size // factor, size // factor)
@@ -123,7 +151,11 @@ class Sampler:
             latents = init_latents.to(self.device, self.dtype).clone()
         guidance = torch.as_tensor(guidance_scale, dtype=torch.float32, device=self.device).expand(batch)
         guidance = guidance.view(-1, 1, 1, 1).to(self.dtype)
+        adapted = cond
         for k, t in enumerate(timesteps):
+            cond = delayed.cond if delayed is not None and k < delayed.steps else adapted
+            if delayed is not None and k == delayed.steps and getattr(self.unet, "_hf_peft_config_loaded", False):
+                self.unet.enable_adapters()
             joining = (start == k).nonzero().flatten()
             if len(joining) and init_latents is not None:
                 j = joining.to(self.device)

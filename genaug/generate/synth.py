@@ -91,6 +91,10 @@ class SynthConfig:
     shard: str = option("", "i/N: generate only the i-th of N interleaved shares of the plan, into "
                             "OUTPUT/shards/; 'auto' takes i and N from accelerate/torchrun (RANK, WORLD_SIZE)")
     merge_shards: int = option(0, "N: merge the N finished shards in OUTPUT/shards/ into OUTPUT (no generation)")
+    workers: int = option(1, "processes on this machine that generate interleaved shards at once, each with an equal "
+                             "share of torch's threads, merged into OUTPUT at the end (same images as 1 worker). On "
+                             "a CPU, small UNets use threads poorly: 2 workers x 1 thread beat 1 x 2 threads by "
+                             "about 1.2x on 2 cores (benchmarks/RESULTS.md)")
 
     def __post_init__(self) -> None:
         self.images_per_class = check_budget(self.images_per_class, self.per_real, self.balance_to,
@@ -125,6 +129,10 @@ class SynthConfig:
             parse_shard(self.shard)
         if self.merge_shards < 0:
             raise ValueError("merge_shards must not be negative")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.workers > 1 and (self.shard or self.merge_shards):
+            raise ValueError("workers shards and merges by itself: leave shard and merge_shards unset")
         if self.embedding_noise_std < 0:
             raise ValueError("embedding_noise_std must not be negative")
         if not self.mix_alpha > 0 or not 0.0 <= self.embed_dropout < 1.0 or not 0 <= self.image_noise_level < 1000:
@@ -487,11 +495,12 @@ def shard_folder(output: str | Path, index: int, count: int) -> Path:
     return Path(output) / "shards" / f"{index:05d}-of-{count:05d}"
 
 
-def synthesize(cfg: SynthConfig) -> SynthResult:
+def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
     """Plan, then generate every planned image not yet in ``cfg.output``, batch by batch.
 
     With a shard ``i/N`` only items ``i, i+N, i+2N, ...`` of the plan are generated, into
     ``OUTPUT/shards/``; every item keeps its id and seed, so the merged result equals an unsharded run.
+    With ``workers > 1`` this process starts that many shard processes and merges them.
     """
     if cfg.class_adapters:
         from ..personalize.textual_inversion import read_class_adapters
@@ -507,14 +516,17 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
     items = method.plan(cfg, class_names, real)
     if cfg.merge_shards:
         return merge_synth_shards(cfg, items, class_names)
+    if cfg.workers > 1:
+        return _synthesize_in_workers(cfg, items, class_names, progress)
     real_images = RealImages(real) if real is not None else None
     index, count = resolve_shard(cfg.shard)
     out = Path(cfg.output)
     if count > 1:
-        items = items[index::count]
+        # Items already merged into OUTPUT (a finished run whose budget grew) need no shard.
+        merged = _done_ids(out)
+        items = [it for it in items[index::count] if it.id not in merged]
         out = shard_folder(cfg.output, index, count)
-    already = {str(r.get("id")) for r in read_metadata_lines(out / "train" / METADATA, tolerate_partial_tail=True)}
-    todo = [it for it in items if it.id not in already]
+    todo = [it for it in items if it.id not in _done_ids(out)]
     # Load the model before touching the output, so a bad model path leaves nothing behind.
     pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, xformers=cfg.xformers) if todo else None
     if pipe is not None and cfg.adapters:
@@ -539,7 +551,8 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
         if todo:
             size = cfg.resolution or default_resolution(pipe)
             # A context manager: a failure closes the bar, so the error prints on a line of its own.
-            with tqdm(total=len(todo), desc=f"synth:{cfg.method}", unit="img", dynamic_ncols=True) as bar:
+            with tqdm(total=len(todo), desc=f"synth:{cfg.method}", unit="img", dynamic_ncols=True,
+                      disable=not progress) as bar:
                 for start in range(0, len(todo), cfg.batch_size):
                     batch = todo[start : start + cfg.batch_size]
                     images = method.generate(pipe, batch, cfg, size, real_images)
@@ -559,30 +572,142 @@ def synthesize(cfg: SynthConfig) -> SynthResult:
 
 def merge_synth_shards(cfg: SynthConfig, items: list[SynthItem], class_names: list[str]) -> SynthResult:
     """Copy N finished shards into ``cfg.output`` in plan order; refuses while any shard is incomplete."""
-    count = cfg.merge_shards
     t0 = time.time()
-    shards = [read_metadata_lines(shard_folder(cfg.output, i, count) / "train" / METADATA,
-                                  tolerate_partial_tail=True) for i in range(count)]
-    rows = {str(r["id"]): (i, r) for i, lines in enumerate(shards) for r in lines}
-    missing = [it.id for it in items if it.id not in rows]
+    rows = _shard_rows(cfg.output, items, cfg.merge_shards)  # refuses before anything is written
+    info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data, "merged_shards": cfg.merge_shards}
+    with DatasetWriter(Path(cfg.output), class_names, split="train", info=info, threads=cfg.writer_threads,
+                       in_flight=64) as writer:
+        record = RunRecord.start(Path(cfg.output) / "run", "synth-merge", cfg)
+        written = _merge_shards(writer, cfg.output, items, cfg.merge_shards, rows)
+    result = SynthResult(Path(cfg.output), cfg.method, len(items), written, len(items) - written,
+                         round(time.time() - t0, 3), 0.0)
+    record.finish({"merged": written, "shards": cfg.merge_shards})
+    return result
+
+
+def _done_ids(folder: Path) -> set[str]:
+    return {str(r.get("id")) for r in read_metadata_lines(folder / "train" / METADATA, tolerate_partial_tail=True)}
+
+
+def _shard_rows(output: str | Path, items: list[SynthItem], count: int) -> dict[str, tuple[int, dict]]:
+    """Each shard row by id (with its shard's index); refuses while a planned item is in neither OUTPUT nor a shard."""
+    rows: dict[str, tuple[int, dict]] = {}
+    for i in range(count):
+        for row in read_metadata_lines(shard_folder(output, i, count) / "train" / METADATA, tolerate_partial_tail=True):
+            rows[str(row["id"])] = (i, row)
+    merged = _done_ids(Path(output))
+    missing = [it.id for it in items if it.id not in rows and it.id not in merged]
     if missing:
         raise ConfigError(f"{len(missing)} planned images are in no shard yet (first: {missing[0]})",
-                          where=str(Path(cfg.output) / "shards"),
+                          where=str(Path(output) / "shards"),
                           fix=f"finish every shard (--shard i/{count}) with the same settings, then merge")
-    out = Path(cfg.output)
-    info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data, "merged_shards": count}
+    return rows
+
+
+def _merge_shards(writer: DatasetWriter, output: str | Path, items: list[SynthItem], count: int,
+                  rows: dict[str, tuple[int, dict]]) -> int:
+    """Add every planned item not yet in ``writer`` from the shards' ``rows``; returns how many were added."""
     written = 0
-    with DatasetWriter(out, class_names, split="train", info=info) as writer:
-        record = RunRecord.start(out / "run", "synth-merge", cfg)
-        for it in items:
-            if it.id in writer.done_ids:
-                continue
-            shard, row = rows[it.id]
-            folder = shard_folder(cfg.output, shard, count) / "train"
-            image = open_image(safe_child(folder, row["file_name"]))
-            meta = {k: v for k, v in row.items() if k not in ("file_name", "id", "label", "class_name")}
-            writer.add(it.id, image, int(row["label"]), **meta)
-            written += 1
-    result = SynthResult(out, cfg.method, len(items), written, len(items) - written, round(time.time() - t0, 3), 0.0)
-    record.finish({"merged": written, "shards": count})
+    for it in items:
+        if it.id in writer.done_ids:
+            continue
+        shard, row = rows[it.id]
+        folder = shard_folder(output, shard, count) / "train"
+        image = open_image(safe_child(folder, row["file_name"]))
+        meta = {k: v for k, v in row.items() if k not in ("file_name", "id", "label", "class_name")}
+        writer.add(it.id, image, int(row["label"]), **meta)
+        written += 1
+    return written
+
+
+def _exit_with_parent() -> None:
+    """On Linux, a worker is killed when the process that started it dies (kill -9 included), so no orphan goes on
+    writing a shard that the rerun wants to resume."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _shard_worker(cfg: SynthConfig, threads: int) -> dict[str, Any]:
+    """One shard, in a worker process; a user-facing failure comes back as its parts (no exception pickling)."""
+    from .. import errors
+
+    _exit_with_parent()
+    torch.set_num_threads(threads)
+    try:
+        result = synthesize(cfg, progress=False)
+        return {"generated": result.generated, "seconds": result.seconds}
+    except errors.GenaugError as exc:
+        return {"error": type(exc).__name__, "what": exc.what, "where": exc.where, "fix": exc.fix}
+
+
+def _synthesize_in_workers(cfg: SynthConfig, items: list[SynthItem], class_names: list[str],
+                           progress: bool) -> SynthResult:
+    """``cfg.workers`` processes generate the interleaved shards ``i/N`` at once, each with an equal share of torch's
+    threads; then one merge into OUTPUT, and the shards are removed. Per-item seeds make the images those of one
+    process; each shard resumes on its own, so a killed run continues where it stopped."""
+    import multiprocessing
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .. import errors
+
+    count, out = cfg.workers, Path(cfg.output)
+    threads = max(1, torch.get_num_threads() // count)
+    merged = _done_ids(out)
+    if all(it.id in merged for it in items):  # nothing to draw: no process to start
+        return SynthResult(out, cfg.method, len(items), 0, len(items), 0.0, 0.0)
+    shard_metadata = [shard_folder(out, i, count) / "train" / METADATA for i in range(count)]
+    offsets, lines = [0] * count, [0] * count
+
+    def finished() -> int:
+        """Planned items on disk, in OUTPUT or a shard; reads only what the shards appended since the last call."""
+        for i, path in enumerate(shard_metadata):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    fh.seek(offsets[i])
+                    chunk = fh.read()
+                complete = chunk.rfind(b"\n") + 1
+                lines[i] += chunk[:complete].count(b"\n")
+                offsets[i] += complete
+        return len(merged) + sum(lines)
+
+    t0 = time.time()
+    before = finished()
+    # spawn: a forked child would inherit this process's torch threads and locks.
+    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_shard_worker, dataclasses.replace(cfg, workers=1, shard=f"{i}/{count}"), threads)
+                   for i in range(count)]
+        with tqdm(total=len(items), initial=before, desc=f"synth:{cfg.method} ({count} workers)", unit="img",
+                  dynamic_ncols=True, disable=not progress) as bar:
+            while not all(f.done() for f in futures):
+                time.sleep(0.5)
+                bar.update(finished() - bar.n)
+        outcomes = [f.result() for f in futures]
+    for outcome in outcomes:
+        if "error" in outcome:
+            error_class = getattr(errors, outcome["error"], errors.GenaugError)
+            raise error_class(outcome["what"], where=outcome["where"], fix=outcome["fix"])
+    rows = _shard_rows(out, items, count)
+    info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data}
+    with DatasetWriter(out, class_names, split="train", info=info, threads=cfg.writer_threads,
+                       in_flight=64) as writer:
+        discard_partial_writes(out / "run")
+        record = RunRecord.start(out / "run", "synth", cfg)
+        _merge_shards(writer, out, items, count, rows)
+    shutil.rmtree(out / "shards")
+    generated = sum(o["generated"] for o in outcomes)
+    seconds = time.time() - t0
+    result = SynthResult(out, cfg.method, len(items), generated, len(items) - generated, round(seconds, 3),
+                         round(generated / seconds, 3) if generated and seconds > 0 else 0.0)
+    # The record starts at the merge (a failed worker leaves nothing behind); its seconds are the whole run's.
+    record.finish({"seconds": result.seconds, "planned": result.planned, "generated": result.generated,
+                   "skipped_existing": result.skipped_existing, "images_per_second": result.images_per_second,
+                   "workers": count, "threads_per_worker": threads,
+                   # each worker's own clock (sampling and writing, after its model loaded), as a one-process run's
+                   "slowest_worker_seconds": max(o["seconds"] for o in outcomes)})
     return result

@@ -10,6 +10,8 @@ loaded (LoRA and/or textual inversion, each with a weight), then scored:
 * oracle accuracy — on the embedded world, the share of samples the oracle labels as
   ``oracle_class`` (the concept's class).
 The same prompts are drawn from the base model alone (``--compare-base``) for the baseline.
+``--adapter-start F`` delays the adapters (FastComposer's delayed subject conditioning): the first F of
+the denoising steps run the base model on the prompt with ``class_word`` in place of the placeholder.
 Multi-concept images are scored per concept by giving one ``--concept`` block per concept.
 """
 
@@ -48,6 +50,10 @@ class EvalPersonalizationConfig:
     images_per_prompt: int = option(8, "samples per prompt")
     num_inference_steps: int = option(25, "denoising steps")
     guidance_scale: float = option(4.0, "classifier-free guidance scale")
+    adapter_start: float = option(0.0, "fraction of the denoising steps drawn by the base model, on the prompt with "
+                                       "class_word in place of the placeholder, before the adapters join "
+                                       "(FastComposer's delayed subject conditioning: the scene is laid out as the "
+                                       "base model lays it out; 0: adapters from the first step)")
     compare_base: bool = option(True, "also score the base model alone on the prompts (placeholder -> class_word)")
     output: str = option("reports/personalization", "report folder (report.json, report.md, sample grids)")
     seed: int = option(0, "seed of the samples (the same for adapter and base)")
@@ -60,6 +66,10 @@ class EvalPersonalizationConfig:
             raise ValueError("give one adapter weight per adapter (or none)")
         if self.images_per_prompt < 1 or self.num_inference_steps < 1:
             raise ValueError("images_per_prompt and num_inference_steps must be >= 1")
+        if not 0.0 <= self.adapter_start < 1.0:
+            raise ValueError(f"adapter_start must be in [0, 1), got {self.adapter_start}")
+        if self.adapter_start and not self.placeholder:
+            raise ValueError("adapter_start needs placeholder (the early steps read the prompt without it)")
 
 
 @dataclass
@@ -93,20 +103,35 @@ def load_adapters(pipe, adapters: list[str], weights: list[float]) -> list[str]:
     return names
 
 
-def sample_prompts(pipe, prompts: list[str], n: int, cfg: EvalPersonalizationConfig) -> torch.Tensor:
-    """uint8 samples (len(prompts) * n, 3, H, W), seeded per (prompt, index)."""
-    from ..generate.sampler import Conditioning, Sampler
+def sample_prompts(pipe, prompts: list[str], n: int, cfg: EvalPersonalizationConfig,
+                   early_prompts: list[str] | None = None) -> torch.Tensor:
+    """uint8 samples (len(prompts) * n, 3, H, W), seeded per (prompt, index). With ``early_prompts`` the first
+    ``cfg.adapter_start`` of the steps run the base model on those prompts (the adapters join later)."""
+    from ..generate.sampler import Conditioning, DelayedAdapters, Sampler
     from ..models.loading import default_resolution
 
     sampler = Sampler(pipe)
     size = default_resolution(pipe)
+    early_steps = round(cfg.adapter_start * cfg.num_inference_steps) if early_prompts else 0
     out = []
     for p, prompt in enumerate(prompts):
         generators = [torch.Generator().manual_seed(cfg.seed * 100_003 + p * 1009 + i) for i in range(n)]
         pos, neg = sampler.encode_text([prompt] * n)
         cond = Conditioning(pos, neg, sampler.class_labels(None, 0, generators, n))
+        delayed = None
+        if early_steps:
+            # The base model's text encoder too: a text-encoder LoRA is off for the early prompt.
+            has_lora = bool(getattr(pipe, "get_active_adapters", lambda: [])())
+            if has_lora:
+                pipe.disable_lora()
+            try:
+                early_pos, early_neg = sampler.encode_text([early_prompts[p]] * n)
+            finally:
+                if has_lora:
+                    pipe.enable_lora()
+            delayed = DelayedAdapters(early_steps, Conditioning(early_pos, early_neg, cond.class_labels))
         images = sampler.sample(cond, generators, size=size, num_steps=cfg.num_inference_steps,
-                                guidance_scale=cfg.guidance_scale)
+                                guidance_scale=cfg.guidance_scale, delayed=delayed)
         out.append(torch.from_numpy(images).permute(0, 3, 1, 2))
     return torch.cat(out)
 
@@ -164,7 +189,8 @@ def evaluate_personalization(cfg: EvalPersonalizationConfig) -> EvalPersonalizat
     for name, adapters, prompts in runs:
         pipe = load_pipeline(cfg.model, device=cfg.device, dtype="float32")
         load_adapters(pipe, adapters, cfg.adapter_weights)
-        samples = sample_prompts(pipe, prompts, cfg.images_per_prompt, cfg)
+        early = plain if name == "adapted" and cfg.adapter_start else None
+        samples = sample_prompts(pipe, prompts, cfg.images_per_prompt, cfg, early)
         scores[name] = score_samples(samples, plain, cfg.images_per_prompt, references, clip_model, tokenizer,
                                      oracle, oracle_label)
         scores[name]["per_prompt_oracle_accuracy"] = None
