@@ -18,7 +18,8 @@ classifier-free guidance — every image saved as PNG.
       against one pipeline call per image, so the engine may use the batch it runs best at; (b)
       is measured again at that same batch.
   (g) with ``--workers N``: (c) with ``synth --workers N``, N processes each drawing an interleaved shard
-      with ``--threads``/N torch threads at the same batch size, merged into one dataset at the end. Its
+      with ``--threads``/N torch threads at the same batch size, merged into one dataset at the end (and
+      at ``--large-batch-size`` too, if given). Its
       clock also covers starting the processes, their model loading and the merge (the others' excludes
       loading); reported beside it, the slowest worker's own clock, which (like the others') starts once
       its model is loaded. Its peak RSS is this process's plus N times the largest worker's (an upper bound).
@@ -166,10 +167,13 @@ def main() -> None:
             if args.large_batch_size:
                 variants["stock_batched_large"] = (_stock, args.large_batch_size, n)
                 variants["engine_large"] = (_engine, args.large_batch_size, None)
+                if args.workers > 1:
+                    variants["engine_workers_large"] = (_engine, args.large_batch_size, None)
             results = {}
             for name, (target, batch, count) in variants.items():
                 (d / name).mkdir(parents=True)
-                extra = (count, None) if target is _stock else (None, args.workers if name == "engine_workers" else 1)
+                workers = args.workers if name.startswith("engine_workers") else 1
+                extra = (count, None) if target is _stock else (None, workers)
                 results[name] = run_isolated(target, args, batch, str(d / name), *extra)
             rounds.append(results)
         sampling = [r["engine_workers"]["sampling_seconds"] for r in rounds] if args.workers > 1 else []
@@ -199,6 +203,8 @@ def main() -> None:
             diffs["engine_workers"] = largest_difference(Path(tmp) / "round0/engine_workers")
         if args.large_batch_size:  # same per-item seeds: equal across batch sizes within 2/255
             diffs["engine_large"] = largest_difference(Path(tmp) / "round0/engine_large")
+            if args.workers > 1:
+                diffs["engine_workers_large"] = largest_difference(Path(tmp) / "round0/engine_workers_large")
         if not args.no_compile:
             diffs["engine_compiled"] = largest_difference(dirs["compiled-cold"])
     counts = {name: min(args.loop_images, n) if name == "stock_loop" else n for name in runs}
@@ -223,7 +229,11 @@ def main() -> None:
            for name in rate if name.startswith(("engine_compiled", "stock_batched_compiled"))},
         **({"large_batch_size": args.large_batch_size,
             "engine_large_vs_stock_loop": round(rate["engine_large"] / rate["stock_loop"], 2),
-            "engine_large_vs_stock_batched_large": round(rate["engine_large"] / rate["stock_batched_large"], 2)}
+            "engine_large_vs_stock_batched_large": round(rate["engine_large"] / rate["stock_batched_large"], 2),
+            **({"engine_workers_large_vs_stock_loop": round(rate["engine_workers_large"] / rate["stock_loop"], 2),
+                "engine_workers_large_vs_stock_batched_large": round(rate["engine_workers_large"]
+                                                                     / rate["stock_batched_large"], 2)}
+               if args.workers > 1 else {})}
            if args.large_batch_size else {}),
         "peak_rss_mb": {name: round(r["peak_rss_mb"]) for name, r in runs.items()},
         "max_pixel_difference_vs_stock_batched": diffs,

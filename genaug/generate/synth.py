@@ -93,8 +93,9 @@ class SynthConfig:
     merge_shards: int = option(0, "N: merge the N finished shards in OUTPUT/shards/ into OUTPUT (no generation)")
     workers: int = option(1, "processes on this machine that generate interleaved shards at once, each with an equal "
                              "share of torch's threads, merged into OUTPUT at the end (same images as 1 worker). On "
-                             "a CPU, small UNets use threads poorly: 2 workers x 1 thread beat 1 x 2 threads by "
-                             "about 1.2x on 2 cores (benchmarks/RESULTS.md)")
+                             "a CPU, small UNets use threads poorly at small batches: on 2 cores, 2 workers x 1 "
+                             "thread beat 1 x 2 threads by 1.08-1.17x at batch 24, not at batch 96 "
+                             "(benchmarks/RESULTS.md)")
 
     def __post_init__(self) -> None:
         self.images_per_class = check_budget(self.images_per_class, self.per_real, self.balance_to,
