@@ -120,15 +120,20 @@ class Sampler:
         """Denoise one batch; returns uint8 images (B, H, W, 3)."""
         if delayed is None or delayed.steps == 0:
             return self._denoise(cond, generators, size, num_steps, guidance_scale, init_latents, strengths, None)
-        # peft's switch for every LoRA layer of the UNet; a UNet without LoRA (textual inversion) has none.
-        has_lora = getattr(self.unet, "_hf_peft_config_loaded", False)
-        try:
-            if has_lora:
-                self.unet.disable_adapters()
+        try:  # _denoise switches the UNet's LoRA on at step delayed.steps; on again here whatever happens
+            self._switch_unet_lora(False)
             return self._denoise(cond, generators, size, num_steps, guidance_scale, init_latents, strengths, delayed)
         finally:
-            if has_lora:
-                self.unet.enable_adapters()
+            self._switch_unet_lora(True)
+
+    def _switch_unet_lora(self, on: bool) -> None:
+        """peft's switch for every LoRA layer of the UNet; a UNet without LoRA (textual inversion) has none."""
+        if not getattr(self.unet, "_hf_peft_config_loaded", False):
+            return
+        if on:
+            self.unet.enable_adapters()
+        else:
+            self.unet.disable_adapters()
 
     def _denoise(self, cond: Conditioning, generators: list[torch.Generator], size: int, num_steps: int,
                  guidance_scale: float | torch.Tensor, init_latents: torch.Tensor | None,
@@ -154,8 +159,8 @@ class Sampler:
         adapted = cond
         for k, t in enumerate(timesteps):
             cond = delayed.cond if delayed is not None and k < delayed.steps else adapted
-            if delayed is not None and k == delayed.steps and getattr(self.unet, "_hf_peft_config_loaded", False):
-                self.unet.enable_adapters()
+            if delayed is not None and k == delayed.steps:
+                self._switch_unet_lora(True)
             joining = (start == k).nonzero().flatten()
             if len(joining) and init_latents is not None:
                 j = joining.to(self.device)
