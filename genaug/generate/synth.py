@@ -527,7 +527,8 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
         merged = _done_ids(out)
         items = [it for it in items[index::count] if it.id not in merged]
         out = shard_folder(cfg.output, index, count)
-    todo = [it for it in items if it.id not in _done_ids(out)]
+    already = _done_ids(out)
+    todo = [it for it in items if it.id not in already]
     # Load the model before touching the output, so a bad model path leaves nothing behind.
     pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, xformers=cfg.xformers) if todo else None
     if pipe is not None and cfg.adapters:
