@@ -19,13 +19,14 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -45,22 +46,44 @@ os.umask(_UMASK)
 
 
 # --------------------------------------------------------------------------- atomic files
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def _renamed_into_place(tmp: str | Path, path: Path) -> Iterator[None]:
+    """Rename ``tmp`` onto ``path`` once the block has filled it; remove it if the block fails."""
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the mode a plain open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _renamed_into_place(tmp, path):
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the mode a plain open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def link_or_copy(source: str | Path, path: str | Path) -> None:
+    """Put ``source``'s bytes at ``path`` atomically: a hard link through a temporary name, or a copy (fsynced)
+    where the file system refuses links."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"  # the name discard_partial_writes clears
+    with _renamed_into_place(tmp, path):
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
 
 
 def discard_partial_writes(*folders: str | Path) -> None:
@@ -281,6 +304,14 @@ class DatasetWriter:
 
     def add(self, item_id: str, image: Image.Image, label: int, **metadata: Any) -> str:
         """Write one image and its metadata line; returns its ``file_name``."""
+        return self._queue(item_id, label, metadata, lambda target: atomic_write_bytes(target, encode_png(to_rgb(image))))
+
+    def add_file(self, item_id: str, png: str | Path, label: int, **metadata: Any) -> str:
+        """Like ``add`` for an image already encoded as PNG on disk (a shard's, during a merge): the file is
+        hard-linked into place, or copied where links fail, so its bytes are kept and nothing is re-encoded."""
+        return self._queue(item_id, label, metadata, lambda target: link_or_copy(png, target))
+
+    def _queue(self, item_id: str, label: int, metadata: dict[str, Any], write: Callable[[Path], None]) -> str:
         if self._meta_fh is None:
             raise RuntimeError("DatasetWriter.add outside its `with` block")
         if not _SAFE_ID.match(item_id):
@@ -294,12 +325,11 @@ class DatasetWriter:
                "class_name": self.class_names[int(label)], **metadata}
         line = (json.dumps(row, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
         if self._executor is None:
-            atomic_write_bytes(target, encode_png(to_rgb(image)))
+            write(target)
             self._queued.append((None, item_id, line))
             self._settle(keep=0)
         else:
-            future = self._executor.submit(lambda: atomic_write_bytes(target, encode_png(to_rgb(image))))
-            self._queued.append((future, item_id, line))
+            self._queued.append((self._executor.submit(write, target), item_id, line))
             if len(self._queued) >= self.in_flight:
                 self._settle(keep=self.in_flight // 2)
         return file_name

@@ -44,6 +44,35 @@ def test_writer_resumes_after_a_torn_line(tmp_path):
     assert [r["id"] for r in rows] == ["x0", "x1", "x2"]
 
 
+@pytest.mark.parametrize("threads", [0, 2])
+def test_writer_adds_encoded_files_by_link_or_copy(tmp_path, monkeypatch, threads):
+    """add_file keeps a PNG's bytes (no re-encoding): hard-linked where it can, copied where links fail."""
+    import os
+
+    with DatasetWriter(tmp_path / "shard", ["a"]) as w:
+        w.add("x0", _img(7), 0, seed=3)
+        w.add("x1", _img(9), 0, seed=4)
+    shard = tmp_path / "shard" / "train" / "images"
+    link = os.link
+
+    def link_refused_for_x1(source, target, **kw):  # as from another file system (writer threads may run late)
+        if str(source).endswith("x1.png"):
+            raise OSError(18, "Invalid cross-device link")
+        return link(source, target, **kw)
+
+    monkeypatch.setattr(os, "link", link_refused_for_x1)
+    with DatasetWriter(tmp_path / "merged", ["a"], threads=threads) as w:
+        w.add_file("x0", shard / "x0.png", 0, seed=3)
+        w.add_file("x1", shard / "x1.png", 0, seed=4)
+    merged = tmp_path / "merged" / "train" / "images"
+    assert (merged / "x0.png").stat().st_ino == (shard / "x0.png").stat().st_ino  # linked
+    assert (merged / "x1.png").stat().st_ino != (shard / "x1.png").stat().st_ino  # copied
+    for name in ("x0.png", "x1.png"):
+        assert (merged / name).read_bytes() == (shard / name).read_bytes()
+    assert read_dataset(tmp_path / "merged").records == read_dataset(tmp_path / "shard").records
+    assert not list(merged.glob(".*.tmp"))
+
+
 def test_writer_refuses_unsafe_ids_labels_and_second_writer(tmp_path):
     with DatasetWriter(tmp_path / "ds", ["a"]) as w:
         for bad in ["../evil", "a/b", "", ".hidden"]:

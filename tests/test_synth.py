@@ -227,6 +227,30 @@ def test_workers_write_the_one_process_dataset(kit, tmp_path):
     synthesize(_cfg(kit, tmp_path / "whole", images_per_class=4))
     assert_same_images(read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "two"), in_order=True)
     assert synthesize(_cfg(kit, tmp_path / "two", images_per_class=4, workers=2)).generated == 0
+    # A killed run (here with more workers) left 3 images in a worker folder: they count as drawn, and the merge
+    # keeps their bytes.
+    from genaug.artefacts import DatasetWriter
+    from genaug.generate.synth import worker_folder
+
+    whole = read_dataset(tmp_path / "whole")
+    with DatasetWriter(worker_folder(tmp_path / "resumed", 5), whole.class_names) as writer:
+        for i in (1, 4, 6):
+            row = whole.records[i]
+            writer.add(row["id"], whole.image(i), row["label"],
+                       **{k: v for k, v in row.items() if k not in ("file_name", "id", "label", "class_name")})
+    resumed = synthesize(_cfg(kit, tmp_path / "resumed", images_per_class=4, workers=2))
+    assert (resumed.generated, resumed.skipped_existing) == (5, 3)
+    resumed_ds = read_dataset(tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "shards").exists()
+    # (whole grew from 3 to 4 per class, so its rows are in the order they were drawn, not plan order)
+    by_id = {row["id"]: i for i, row in enumerate(whole.records)}
+    assert sorted(by_id) == [row["id"] for row in resumed_ds.records]  # plan order is id order here
+    for row in resumed_ds.records:
+        assert row == whole.records[by_id[row["id"]]]
+    assert_same_images(whole, resumed_ds)
+    kept = {resumed_ds.records[i]["id"]: resumed_ds.image_path(i).read_bytes() for i in range(len(resumed_ds))}
+    for i in (1, 4, 6):  # the killed run's images, linked in as they were
+        assert kept[whole.records[i]["id"]] == whole.image_path(i).read_bytes()
     # A worker's one-line error reaches the caller as its own class; nothing is written.
     with pytest.raises(ModelError, match="model_index.json missing"):
         synthesize(_cfg(kit, tmp_path / "bad", model=str(tmp_path), workers=2))

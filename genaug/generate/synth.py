@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..artefacts import (METADATA, DatasetWriter, GenaugDataset, discard_partial_writes, open_image, read_dataset,
+from ..artefacts import (METADATA, DatasetWriter, GenaugDataset, discard_partial_writes, read_dataset,
                          read_metadata_lines, safe_child, slugify)
 from ..budget import check_budget, images_per_class_budget
 from ..config import option
@@ -91,11 +91,11 @@ class SynthConfig:
     shard: str = option("", "i/N: generate only the i-th of N interleaved shares of the plan, into "
                             "OUTPUT/shards/; 'auto' takes i and N from accelerate/torchrun (RANK, WORLD_SIZE)")
     merge_shards: int = option(0, "N: merge the N finished shards in OUTPUT/shards/ into OUTPUT (no generation)")
-    workers: int = option(1, "processes on this machine that generate interleaved shards at once, each with an equal "
-                             "share of torch's threads, merged into OUTPUT at the end (same images as 1 worker). On "
-                             "a CPU, small UNets use threads poorly at small batches: on 2 cores, 2 workers x 1 "
-                             "thread beat 1 x 2 threads by 1.08-1.17x at batch 24, not at batch 96 "
-                             "(benchmarks/RESULTS.md)")
+    workers: int = option(1, "processes on this machine that draw at once: this one and N-1 spawned ones take "
+                             "batches from one queue, each with an equal share of torch's threads, then one merge "
+                             "writes OUTPUT (same images as 1 worker). On a CPU, small UNets use threads poorly at "
+                             "small batches: on 2 cores at batch 24, 2 workers x 1 thread beat 1 x 2 threads; not "
+                             "at batch 96 (benchmarks/RESULTS.md)")
 
     def __post_init__(self) -> None:
         self.images_per_class = check_budget(self.images_per_class, self.per_real, self.balance_to,
@@ -501,16 +501,9 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
 
     With a shard ``i/N`` only items ``i, i+N, i+2N, ...`` of the plan are generated, into
     ``OUTPUT/shards/``; every item keeps its id and seed, so the merged result equals an unsharded run.
-    With ``workers > 1`` this process starts that many shard processes and merges them.
+    With ``workers > 1`` this process and ``workers - 1`` others draw batches from one queue, then merge.
     """
-    if cfg.class_adapters:
-        from ..personalize.textual_inversion import read_class_adapters
-
-        adapters, words = read_class_adapters(cfg.class_adapters)
-        # The per-class inversions join the other adapters; explicit class_words still win.
-        cfg = dataclasses.replace(cfg, class_adapters=None, adapters=[*cfg.adapters, *adapters],
-                                  adapter_weights=[*cfg.adapter_weights, *[1.0] * len(adapters)]
-                                  if cfg.adapter_weights else [], class_words={**words, **cfg.class_words})
+    cfg = _with_class_adapters(cfg)
     method = create_method(cfg.method)
     real = read_dataset(cfg.real_data) if cfg.real_data else None
     class_names = real.class_names if real is not None else list(cfg.class_names)
@@ -518,7 +511,7 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
     if cfg.merge_shards:
         return merge_synth_shards(cfg, items, class_names)
     if cfg.workers > 1:
-        return _synthesize_in_workers(cfg, items, class_names, progress)
+        return _synthesize_in_workers(cfg, items, class_names, real, progress)
     real_images = RealImages(real) if real is not None else None
     index, count = resolve_shard(cfg.shard)
     out = Path(cfg.output)
@@ -530,20 +523,10 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
     already = _done_ids(out)
     todo = [it for it in items if it.id not in already]
     # Load the model before touching the output, so a bad model path leaves nothing behind.
-    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, xformers=cfg.xformers) if todo else None
-    if pipe is not None and cfg.adapters:
-        from ..personalize.evaluate import load_adapters
-
-        load_adapters(pipe, cfg.adapters, cfg.adapter_weights)
-    if pipe is not None and cfg.compile:
-        compile_unet(pipe, cfg.batch_size)  # after the adapters, so the compiled graph includes them
-    if pipe is not None and method.name != "text":
-        _sampler_for(pipe, method.name, needs_unclip=method.name == "augcond")  # refuse before writing anything
-    info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data}
+    pipe = _load_for(cfg, method) if todo else None
     # Writer threads encode and fsync a batch's PNGs while the next batch denoises (the same bytes as without);
     # a batch's metadata lines follow once the next batch is queued, so a kill loses at most about two batches.
-    with DatasetWriter(out, class_names, split="train", info=info, threads=cfg.writer_threads,
-                       in_flight=2 * cfg.batch_size) as writer:
+    with _writer(cfg, out, class_names) as writer:
         # Only once the folder is ours: a refused second writer must not rewrite the run record.
         discard_partial_writes(out / "run")
         record = RunRecord.start(out / "run", "synth", cfg)
@@ -557,12 +540,7 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
                       disable=not progress) as bar:
                 for start in range(0, len(todo), cfg.batch_size):
                     batch = todo[start : start + cfg.batch_size]
-                    images = method.generate(pipe, batch, cfg, size, real_images)
-                    for it, image in zip(batch, images):
-                        writer.add(it.id, image, it.label, method=cfg.method, prompt=it.prompt,
-                                   negative_prompt=it.negative_prompt, seed=it.seed, source=it.source,
-                                   guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
-                                   model=cfg.model, adapters=cfg.adapters, sample_weight=1.0, **it.params)
+                    _draw_batch(pipe, method, batch, cfg, size, real_images, writer)
                     bar.update(len(batch))
         seconds = time.time() - t0
     result = SynthResult(out, cfg.method, len(items), len(todo), skipped, round(seconds, 3),
@@ -572,15 +550,60 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
     return result
 
 
+def _with_class_adapters(cfg: SynthConfig) -> SynthConfig:
+    """``class_adapters`` resolved into adapters and class words."""
+    if not cfg.class_adapters:
+        return cfg
+    from ..personalize.textual_inversion import read_class_adapters
+
+    adapters, words = read_class_adapters(cfg.class_adapters)
+    # The per-class inversions join the other adapters; explicit class_words still win.
+    return dataclasses.replace(cfg, class_adapters=None, adapters=[*cfg.adapters, *adapters],
+                               adapter_weights=[*cfg.adapter_weights, *[1.0] * len(adapters)]
+                               if cfg.adapter_weights else [], class_words={**words, **cfg.class_words})
+
+
+def _load_for(cfg: SynthConfig, method: SynthMethod):
+    """The pipeline with its adapters (compiled if asked), refused here if the method cannot run on it."""
+    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, xformers=cfg.xformers)
+    if cfg.adapters:
+        from ..personalize.evaluate import load_adapters
+
+        load_adapters(pipe, cfg.adapters, cfg.adapter_weights)
+    if cfg.compile:
+        compile_unet(pipe, cfg.batch_size)  # after the adapters, so the compiled graph includes them
+    if method.name != "text":
+        _sampler_for(pipe, method.name, needs_unclip=method.name == "augcond")
+    return pipe
+
+
+def _writer(cfg: SynthConfig, out: Path, class_names: list[str], in_flight: int | None = None,
+            **info: Any) -> DatasetWriter:
+    return DatasetWriter(out, class_names, split="train", threads=cfg.writer_threads,
+                         in_flight=in_flight or 2 * cfg.batch_size,
+                         info={"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data, **info})
+
+
+def _draw_batch(pipe, method: SynthMethod, batch: list[SynthItem], cfg: SynthConfig, size: int,
+                real_images: RealImages | None, writer: DatasetWriter) -> None:
+    images = method.generate(pipe, batch, cfg, size, real_images)
+    for it, image in zip(batch, images):
+        writer.add(it.id, image, it.label, method=cfg.method, prompt=it.prompt,
+                   negative_prompt=it.negative_prompt, seed=it.seed, source=it.source,
+                   guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.num_inference_steps,
+                   model=cfg.model, adapters=cfg.adapters, sample_weight=1.0, **it.params)
+
+
 def merge_synth_shards(cfg: SynthConfig, items: list[SynthItem], class_names: list[str]) -> SynthResult:
     """Copy N finished shards into ``cfg.output`` in plan order; refuses while any shard is incomplete."""
     t0 = time.time()
-    rows = _shard_rows(cfg.output, items, cfg.merge_shards)  # refuses before anything is written
-    info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data, "merged_shards": cfg.merge_shards}
-    with DatasetWriter(Path(cfg.output), class_names, split="train", info=info, threads=cfg.writer_threads,
-                       in_flight=64) as writer:
+    folders = [shard_folder(cfg.output, i, cfg.merge_shards) for i in range(cfg.merge_shards)]
+    rows = _shard_rows(cfg.output, items, folders)  # refuses before anything is written
+    fix = f"finish every shard (--shard i/{cfg.merge_shards}) with the same settings, then merge"
+    _refuse_missing(cfg.output, items, rows, fix)
+    with _writer(cfg, Path(cfg.output), class_names, in_flight=64, merged_shards=cfg.merge_shards) as writer:
         record = RunRecord.start(Path(cfg.output) / "run", "synth-merge", cfg)
-        written = _merge_shards(writer, cfg.output, items, cfg.merge_shards, rows)
+        written = _merge_shards(writer, items, rows)
     result = SynthResult(Path(cfg.output), cfg.method, len(items), written, len(items) - written,
                          round(time.time() - t0, 3), 0.0)
     record.finish({"merged": written, "shards": cfg.merge_shards})
@@ -591,33 +614,36 @@ def _done_ids(folder: Path) -> set[str]:
     return {str(r.get("id")) for r in read_metadata_lines(folder / "train" / METADATA, tolerate_partial_tail=True)}
 
 
-def _shard_rows(output: str | Path, items: list[SynthItem], count: int) -> dict[str, tuple[int, dict]]:
-    """Each shard row by id (with its shard's index); refuses while a planned item is in neither OUTPUT nor a shard."""
-    rows: dict[str, tuple[int, dict]] = {}
-    for i in range(count):
-        for row in read_metadata_lines(shard_folder(output, i, count) / "train" / METADATA, tolerate_partial_tail=True):
-            rows[str(row["id"])] = (i, row)
+def _shard_rows(output: str | Path, items: list[SynthItem], folders: list[Path]) -> dict[str, tuple[Path, dict]]:
+    """Each planned item's row in the shard ``folders`` (with the folder holding its image), if it is in one and not
+    yet merged into OUTPUT."""
+    merged, planned = _done_ids(Path(output)), {it.id for it in items}
+    rows: dict[str, tuple[Path, dict]] = {}
+    for folder in folders:
+        for row in read_metadata_lines(folder / "train" / METADATA, tolerate_partial_tail=True):
+            if str(row["id"]) in planned and str(row["id"]) not in merged:
+                rows[str(row["id"])] = (folder / "train", row)
+    return rows
+
+
+def _refuse_missing(output: str | Path, items: list[SynthItem], rows: dict[str, tuple[Path, dict]], fix: str) -> None:
     merged = _done_ids(Path(output))
     missing = [it.id for it in items if it.id not in rows and it.id not in merged]
     if missing:
         raise ConfigError(f"{len(missing)} planned images are in no shard yet (first: {missing[0]})",
-                          where=str(Path(output) / "shards"),
-                          fix=f"finish every shard (--shard i/{count}) with the same settings, then merge")
-    return rows
+                          where=str(Path(output) / "shards"), fix=fix)
 
 
-def _merge_shards(writer: DatasetWriter, output: str | Path, items: list[SynthItem], count: int,
-                  rows: dict[str, tuple[int, dict]]) -> int:
-    """Add every planned item not yet in ``writer`` from the shards' ``rows``; returns how many were added."""
+def _merge_shards(writer: DatasetWriter, items: list[SynthItem], rows: dict[str, tuple[Path, dict]]) -> int:
+    """Add every planned item not yet in ``writer`` from the shards' ``rows``, in plan order; returns how many.
+    The shard's PNG is linked into place (copied where links fail): the bytes a one-process run writes."""
     written = 0
     for it in items:
         if it.id in writer.done_ids:
             continue
-        shard, row = rows[it.id]
-        folder = shard_folder(output, shard, count) / "train"
-        image = open_image(safe_child(folder, row["file_name"]))
+        folder, row = rows[it.id]
         meta = {k: v for k, v in row.items() if k not in ("file_name", "id", "label", "class_name")}
-        writer.add(it.id, image, int(row["label"]), **meta)
+        writer.add_file(it.id, safe_child(folder, row["file_name"]), int(row["label"]), **meta)
         written += 1
     return written
 
@@ -634,75 +660,160 @@ def _exit_with_parent() -> None:
         pass
 
 
-def _shard_worker(cfg: SynthConfig, threads: int) -> dict[str, Any]:
-    """One shard, in a worker process; a user-facing failure comes back as its parts (no exception pickling)."""
+def worker_folder(output: str | Path, index: int) -> Path:
+    """Where process ``index`` of a ``--workers`` run writes the batches it draws, until the merge."""
+    return Path(output) / "shards" / f"worker-{index:03d}"
+
+
+def _worker_folders(output: str | Path) -> list[Path]:
+    """Every worker folder under OUTPUT, a killed run's with more workers included."""
+    return sorted(p for p in (Path(output) / "shards").glob("worker-*") if p.is_dir())
+
+
+def _draw_claimed(cfg: SynthConfig, class_names: list[str], todo: list[SynthItem], index: int, next_batch,
+                  on_batch: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Claim batches of ``todo`` from the shared counter ``next_batch`` until none is left, drawing each into this
+    process's worker folder. Returns how many images it drew and its own clock (after the model loaded)."""
+    method = create_method(cfg.method)
+    pipe = _load_for(cfg, method)
+    real_images = RealImages(read_dataset(cfg.real_data)) if cfg.real_data else None
+    size = cfg.resolution or default_resolution(pipe)
+    batches = [todo[s : s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
+    drawn, t0 = 0, time.time()
+    with _writer(cfg, worker_folder(cfg.output, index), class_names) as writer:
+        while True:
+            with next_batch.get_lock():
+                claimed = next_batch.value
+                next_batch.value += 1
+            if claimed >= len(batches):
+                break
+            _draw_batch(pipe, method, batches[claimed], cfg, size, real_images, writer)
+            drawn += len(batches[claimed])
+            on_batch()
+    return {"generated": drawn, "seconds": time.time() - t0, "started": t0}
+
+
+def _worker_main(cfg: SynthConfig, class_names: list[str], todo: list[SynthItem], index: int, threads: int,
+                 next_batch, results) -> None:
+    """A spawned worker; its outcome goes back through ``results``, a user-facing failure as its parts (no exception
+    pickling)."""
+    import traceback
+
     from .. import errors
 
     _exit_with_parent()
     torch.set_num_threads(threads)
     try:
-        result = synthesize(cfg, progress=False)
-        return {"generated": result.generated, "seconds": result.seconds}
+        outcome = _draw_claimed(cfg, class_names, todo, index, next_batch)
     except errors.GenaugError as exc:
-        return {"error": type(exc).__name__, "what": exc.what, "where": exc.where, "fix": exc.fix}
+        outcome = {"error": type(exc).__name__, "what": exc.what, "where": exc.where, "fix": exc.fix}
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        outcome = {"crash": traceback.format_exc()}
+    results.put((index, outcome))
+
+
+def _raise_outcome(index: int, outcome: dict[str, Any]) -> None:
+    from .. import errors
+
+    if "error" in outcome:
+        error_class = getattr(errors, outcome["error"], errors.GenaugError)
+        raise error_class(outcome["what"], where=outcome["where"], fix=outcome["fix"])
+    if "crash" in outcome:
+        raise RuntimeError(f"synth worker {index} failed:\n{outcome['crash']}")
 
 
 def _synthesize_in_workers(cfg: SynthConfig, items: list[SynthItem], class_names: list[str],
-                           progress: bool) -> SynthResult:
-    """``cfg.workers`` processes generate the interleaved shards ``i/N`` at once, each with an equal share of torch's
-    threads; then one merge into OUTPUT, and the shards are removed. Per-item seeds make the images those of one
-    process; each shard resumes on its own, so a killed run continues where it stopped."""
+                           real: GenaugDataset | None, progress: bool) -> SynthResult:
+    """This process and ``cfg.workers - 1`` spawned ones claim batches from one shared counter, each with an equal
+    share of torch's threads, each writing its own folder under OUTPUT/shards/; then one merge into OUTPUT, and the
+    shards are removed. This process draws from the start while the others are still importing, and whoever is free
+    takes the next batch, so no process idles at the end. Per-item seeds make the images those of one process; a
+    killed run's folders count as drawn, so a rerun continues where it stopped."""
     import multiprocessing
     import shutil
-    from concurrent.futures import ProcessPoolExecutor
 
     from .. import errors
 
     count, out = cfg.workers, Path(cfg.output)
     threads = max(1, torch.get_num_threads() // count)
     merged = _done_ids(out)
-    if all(it.id in merged for it in items):  # nothing to draw: no process to start
+    drawn_before = _shard_rows(out, items, _worker_folders(out))
+    todo = [it for it in items if it.id not in merged and it.id not in drawn_before]
+    if not todo and not drawn_before:  # nothing to draw or merge: no process to start
         return SynthResult(out, cfg.method, len(items), 0, len(items), 0.0, 0.0)
-    shard_metadata = [shard_folder(out, i, count) / "train" / METADATA for i in range(count)]
-    offsets, lines = [0] * count, [0] * count
+    metadata = [worker_folder(out, i) / "train" / METADATA for i in range(count)]
+    offsets, new_lines = [_whole_lines_size(path) for path in metadata], [0] * count
 
-    def finished() -> int:
-        """Planned items on disk, in OUTPUT or a shard; reads only what the shards appended since the last call."""
-        for i, path in enumerate(shard_metadata):
+    def drawn_now() -> int:
+        """Images the workers added since the start; reads only what was appended since the last call."""
+        for i, path in enumerate(metadata):
             if path.is_file():
                 with open(path, "rb") as fh:
                     fh.seek(offsets[i])
                     chunk = fh.read()
                 complete = chunk.rfind(b"\n") + 1
-                lines[i] += chunk[:complete].count(b"\n")
+                new_lines[i] += chunk[:complete].count(b"\n")
                 offsets[i] += complete
-        return len(merged) + sum(lines)
+        return sum(new_lines)
 
     t0 = time.time()
-    before = finished()
-    # spawn: a forked child would inherit this process's torch threads and locks.
-    with ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_shard_worker, dataclasses.replace(cfg, workers=1, shard=f"{i}/{count}"), threads)
-                   for i in range(count)]
-        with tqdm(total=len(items), initial=before, desc=f"synth:{cfg.method} ({count} workers)", unit="img",
-                  dynamic_ncols=True, disable=not progress) as bar:
-            while not all(f.done() for f in futures):
-                time.sleep(0.5)
-                bar.update(finished() - bar.n)
-        outcomes = [f.result() for f in futures]
-    for outcome in outcomes:
-        if "error" in outcome:
-            error_class = getattr(errors, outcome["error"], errors.GenaugError)
-            raise error_class(outcome["what"], where=outcome["where"], fix=outcome["fix"])
-    rows = _shard_rows(out, items, count)
-    info = {"method": cfg.method, "model": cfg.model, "real_data": cfg.real_data}
-    with DatasetWriter(out, class_names, split="train", info=info, threads=cfg.writer_threads,
-                       in_flight=64) as writer:
+    outcomes: dict[int, dict[str, Any]] = {}
+    if todo:
+        # spawn: a forked child would inherit this process's torch threads and locks.
+        context = multiprocessing.get_context("spawn")
+        next_batch, results = context.Value("q", 0), context.SimpleQueue()
+        others = [context.Process(target=_worker_main, daemon=True, name=f"genaug-synth-worker-{i}",
+                                  args=(cfg, class_names, todo, i, threads, next_batch, results))
+                  for i in range(1, count)]
+
+        def collect() -> None:
+            """Take the finished workers' outcomes; a worker's failure, or death, stops this process's drawing too."""
+            while not results.empty():
+                index, outcome = results.get()
+                _raise_outcome(index, outcome)
+                outcomes[index] = outcome
+            for i, process in enumerate(others, start=1):
+                if process.exitcode is not None and i not in outcomes and results.empty():
+                    raise errors.GenaugError(
+                        f"synth worker {i} stopped (exit code {process.exitcode}) before it finished",
+                        where=str(worker_folder(out, i)),
+                        fix="rerun the same command: it keeps every image already drawn (if memory ran out, "
+                            "use fewer --workers)")
+
+        own_threads = torch.get_num_threads()
+        try:
+            for process in others:
+                process.start()
+            with tqdm(total=len(todo), desc=f"synth:{cfg.method} ({count} workers)", unit="img",
+                      dynamic_ncols=True, disable=not progress) as bar:
+                def on_batch() -> None:
+                    collect()
+                    bar.update(drawn_now() - bar.n)
+
+                torch.set_num_threads(threads)
+                try:
+                    outcomes[0] = _draw_claimed(cfg, class_names, todo, 0, next_batch, on_batch)
+                finally:
+                    torch.set_num_threads(own_threads)
+                while any(p.is_alive() for p in others) or not results.empty():
+                    on_batch()
+                    time.sleep(0.2)
+                on_batch()
+        finally:
+            for process in others:  # after a failure here, the others stop too (their writes are atomic)
+                if process.pid is not None:  # started
+                    if process.is_alive():
+                        process.terminate()
+                    process.join()
+    merge_start = time.time()
+    rows = _shard_rows(out, items, _worker_folders(out))
+    _refuse_missing(out, items, rows, fix="rerun the same command to draw them")
+    with _writer(cfg, out, class_names, in_flight=64) as writer:
         discard_partial_writes(out / "run")
         record = RunRecord.start(out / "run", "synth", cfg)
-        _merge_shards(writer, out, items, count, rows)
+        _merge_shards(writer, items, rows)
     shutil.rmtree(out / "shards")
-    generated = sum(o["generated"] for o in outcomes)
+    generated = sum(o["generated"] for o in outcomes.values())
     seconds = time.time() - t0
     result = SynthResult(out, cfg.method, len(items), generated, len(items) - generated, round(seconds, 3),
                          round(generated / seconds, 3) if generated and seconds > 0 else 0.0)
@@ -710,6 +821,18 @@ def _synthesize_in_workers(cfg: SynthConfig, items: list[SynthItem], class_names
     record.finish({"seconds": result.seconds, "planned": result.planned, "generated": result.generated,
                    "skipped_existing": result.skipped_existing, "images_per_second": result.images_per_second,
                    "workers": count, "threads_per_worker": threads,
-                   # each worker's own clock (sampling and writing, after its model loaded), as a one-process run's
-                   "slowest_worker_seconds": max(o["seconds"] for o in outcomes)})
+                   # each process's own clock (sampling and writing, after its model loaded), as a one-process run's
+                   "slowest_worker_seconds": round(max((o["seconds"] for o in outcomes.values()), default=0.0), 3),
+                   # when each process had its model and began to draw, and the merge's share of the clock
+                   "worker_started_after_seconds": [round(outcomes[i]["started"] - t0, 3) for i in sorted(outcomes)],
+                   "worker_images": [outcomes[i]["generated"] for i in sorted(outcomes)],
+                   "merge_seconds": round(time.time() - merge_start, 3)})
     return result
+
+
+def _whole_lines_size(path: Path) -> int:
+    """Bytes of ``path`` up to its last newline (0 if it does not exist)."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    return data.rfind(b"\n") + 1
