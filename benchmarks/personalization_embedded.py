@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=16, help="samples per prompt")
     parser.add_argument("--classes", nargs="*", default=None, help="novel classes (default: all)")
-    parser.add_argument("--methods", default="lora,ti,disendiff", help="which of lora, ti, disendiff to run")
+    parser.add_argument("--methods", default="lora,ti,disendiff",
+                        help="which of lora, ti, pivotal (TI + a UNet LoRA with the --lora-* settings), disendiff")
     parser.add_argument("--lora-targets", default="attention", choices=["attention", "all"],
                         help="UNet layers with LoRA (train-lora --unet-targets)")
     parser.add_argument("--lora-rank", type=int, default=8)
@@ -174,6 +175,25 @@ def main() -> None:
                                                            num_vectors=2, output=str(out / "ti" / slug),
                                                            max_train_steps=args.steps, device="cpu"))
             trained.append(("ti", out / "ti" / slug, f"<{slug}>", time.time() - t0, 1.0, 0.0))
+        if "pivotal" in methods:
+            # Pivotal tuning: the placeholder's embeddings and a UNet LoRA (the same rank, layers, learning rate and
+            # steps as the LoRA runs) learn together, so the concept need not overwrite an existing word.
+            folder = out / "pivotal" / slug
+            finished = folder / "run" / "metrics.json"
+            if args.reuse_adapters and finished.is_file() and \
+                    json.loads(finished.read_text()).get("steps") == lora_steps:
+                seconds = json.loads(finished.read_text())["seconds"]
+            else:
+                t0 = time.time()
+                train_textual_inversion(TextualInversionConfig(
+                    model="embedded", instance_data=str(data), placeholder_token=f"<{slug}>",
+                    initializer_token="shape", num_vectors=2, output=str(folder), max_train_steps=lora_steps,
+                    pivotal=True, rank=args.lora_rank, lora_learning_rate=args.lora_lr,
+                    unet_targets=args.lora_targets, device="cpu"))
+                seconds = time.time() - t0
+            for start in [float(x) for x in args.lora_starts.split(",")]:
+                trained.append(("pivotal" + (f"+delay{start:g}" if start else ""), folder, f"<{slug}>", seconds,
+                                1.0, start))
         contexts = ["a photo of a {} on grass", "a photo of a {} in the sky"]
         for kind, adapter, words, seconds, scale, start in trained:
             prompts = [f"a photo of a {words}"] + [c.format(words) for c in contexts]
@@ -226,7 +246,7 @@ def main() -> None:
             print("disendiff", variant, json.dumps(scores), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
-    for kind in [k for k in results if k.startswith("lora")] + ["ti"]:
+    for kind in [k for k in results if k.startswith(("lora", "pivotal"))] + ["ti"]:
         if results[kind]:
             print(f"\n{kind}: concept | oracle acc. (base) | CLIP-T of base, new-context prompts | all prompts")
         for name, r in results[kind].items():

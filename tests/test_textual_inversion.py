@@ -50,12 +50,26 @@ def test_ti_trains_and_stock_diffusers_loads_it(kit, shape_images, tmp_path, arc
     assert np.abs(with_token - plain).max() > 1e-4
 
 
-def test_pivotal_tuning_writes_both_adapters(kit, shape_images, tmp_path):
-    result = train_textual_inversion(_cfg(kit, shape_images, tmp_path / "piv", pivotal=True))
+@pytest.mark.parametrize("targets", ["attention", "all"])
+def test_pivotal_tuning_writes_both_adapters(kit, shape_images, tmp_path, targets):
+    from diffusers import DiffusionPipeline
+
+    result = train_textual_inversion(_cfg(kit, shape_images, tmp_path / "piv", pivotal=True, unet_targets=targets,
+                                          lora_learning_rate=1e-2))
     lora, _ = read_safetensors(tmp_path / "piv" / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("unet.") for k in lora)
+    assert any(".conv1." in k for k in lora) == (targets == "all")  # LoCon adapts the convolutions too
     assert read_adapter_config(tmp_path / "piv")["lora_weights"] == "pytorch_lora_weights.safetensors"
     assert result.weights.is_file()
+    # Stock diffusers loads both files, and the LoRA changes the images.
+    pipe = DiffusionPipeline.from_pretrained(str(kit("sd15")), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(str(tmp_path / "piv"))
+    call = dict(prompt="a photo of a <toy>", num_inference_steps=2, output_type="np", height=32, width=32)
+    plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(str(tmp_path / "piv"))
+    adapted = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(adapted - plain).max() > 1e-4
 
 
 def test_resumed_run_matches_an_uninterrupted_one(kit, shape_images, tmp_path):

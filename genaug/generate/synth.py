@@ -511,7 +511,7 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
     if cfg.merge_shards:
         return merge_synth_shards(cfg, items, class_names)
     if cfg.workers > 1:
-        return _synthesize_in_workers(cfg, items, class_names, real, progress)
+        return _synthesize_in_workers(cfg, items, class_names, progress)
     real_images = RealImages(real) if real is not None else None
     index, count = resolve_shard(cfg.shard)
     out = Path(cfg.output)
@@ -595,7 +595,8 @@ def _draw_batch(pipe, method: SynthMethod, batch: list[SynthItem], cfg: SynthCon
 
 
 def merge_synth_shards(cfg: SynthConfig, items: list[SynthItem], class_names: list[str]) -> SynthResult:
-    """Copy N finished shards into ``cfg.output`` in plan order; refuses while any shard is incomplete."""
+    """Link (or copy) N finished shards' images into ``cfg.output`` in plan order; refuses while any shard is
+    incomplete."""
     t0 = time.time()
     folders = [shard_folder(cfg.output, i, cfg.merge_shards) for i in range(cfg.merge_shards)]
     rows = _shard_rows(cfg.output, items, folders)  # refuses before anything is written
@@ -723,7 +724,7 @@ def _raise_outcome(index: int, outcome: dict[str, Any]) -> None:
 
 
 def _synthesize_in_workers(cfg: SynthConfig, items: list[SynthItem], class_names: list[str],
-                           real: GenaugDataset | None, progress: bool) -> SynthResult:
+                           progress: bool) -> SynthResult:
     """This process and ``cfg.workers - 1`` spawned ones claim batches from one shared counter, each with an equal
     share of torch's threads, each writing its own folder under OUTPUT/shards/; then one merge into OUTPUT, and the
     shards are removed. This process draws from the start while the others are still importing, and whoever is free

@@ -20,6 +20,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ from ..errors import ConfigError
 from ..models.loading import default_resolution, resolve_device
 from ..runs import RunRecord
 from .adapters import TI_WEIGHTS, base_model_info
-from .lora import (LORA_WEIGHTS, UNET_TARGETS, _encode_latents, _load_images, load_base_for_personalization,
+from .lora import (LORA_WEIGHTS, UNET_TARGET_PRESETS, _encode_latents, _load_images, load_base_for_personalization,
                    save_diffusers_lora)
 
 OBJECT_TEMPLATES = ["a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a photo of the {}",
@@ -58,6 +59,9 @@ class TextualInversionConfig:
     pivotal: bool = option(False, "pivotal tuning: train a UNet LoRA jointly with the embeddings")
     rank: int = option(4, "pivotal tuning: LoRA rank")
     lora_learning_rate: float = option(1e-4, "pivotal tuning: LoRA learning rate")
+    unet_targets: Literal["attention", "all"] = option(
+        "attention", "pivotal tuning: UNet layers that get LoRA, attention or all (LoCon: also the convolutions and "
+                     "feed-forwards), as in train-lora")
     resolution: int | None = option(None, "training resolution (default: the model's native size)")
     random_flip: bool = option(True, "horizontal flips of the instance images")
     checkpointing_steps: int = option(0, "save a resumable checkpoint every N steps (0: never)")
@@ -78,6 +82,8 @@ class TextualInversionConfig:
             raise ValueError("learning rates must be > 0")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError("every template needs a '{}' for the placeholder")
+        if self.unet_targets not in UNET_TARGET_PRESETS:
+            raise ValueError(f"unet_targets must be one of {', '.join(UNET_TARGET_PRESETS)}, got {self.unet_targets!r}")
         if not self.placeholder_token.strip() or " " in self.placeholder_token:
             raise ValueError("placeholder_token must be one word without spaces")
         if self.checkpointing_steps < 0:
@@ -267,7 +273,7 @@ def _train_ti_locked(cfg: TextualInversionConfig, pipe, family: str, device, siz
 
         torch.manual_seed(cfg.seed)
         unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, init_lora_weights="gaussian",
-                                    target_modules=UNET_TARGETS))
+                                    target_modules=UNET_TARGET_PRESETS[cfg.unet_targets]))
         lora = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
         params.update(lora)
         groups.append({"params": list(lora.values()), "lr": cfg.lora_learning_rate})
@@ -303,7 +309,10 @@ def _train_ti_locked(cfg: TextualInversionConfig, pipe, family: str, device, siz
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        save_diffusers_lora(pipe, out, convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)), None)
+        unet_sd = get_peft_model_state_dict(unet)
+        if cfg.unet_targets == "attention":  # LoCon keeps peft's key names, as train-lora's does (see there)
+            unet_sd = convert_state_dict_to_diffusers(unet_sd)
+        save_diffusers_lora(pipe, out, unet_sd, None)
         config["lora_weights"] = LORA_WEIGHTS
     weights = write_adapter(out, TI_WEIGHTS, {cfg.placeholder_token: learned}, config)
     seconds = round(time.time() - t0, 3)
