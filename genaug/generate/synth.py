@@ -599,9 +599,9 @@ def merge_synth_shards(cfg: SynthConfig, items: list[SynthItem], class_names: li
     incomplete."""
     t0 = time.time()
     folders = [shard_folder(cfg.output, i, cfg.merge_shards) for i in range(cfg.merge_shards)]
-    rows = _shard_rows(cfg.output, items, folders)  # refuses before anything is written
-    fix = f"finish every shard (--shard i/{cfg.merge_shards}) with the same settings, then merge"
-    _refuse_missing(cfg.output, items, rows, fix)
+    rows = _shard_rows(cfg.output, items, folders,  # refuses before anything is written
+                       refuse_missing=f"finish every shard (--shard i/{cfg.merge_shards}) with the same settings, "
+                                      "then merge")
     with _writer(cfg, Path(cfg.output), class_names, in_flight=64, merged_shards=cfg.merge_shards) as writer:
         record = RunRecord.start(Path(cfg.output) / "run", "synth-merge", cfg)
         written = _merge_shards(writer, items, rows)
@@ -615,24 +615,21 @@ def _done_ids(folder: Path) -> set[str]:
     return {str(r.get("id")) for r in read_metadata_lines(folder / "train" / METADATA, tolerate_partial_tail=True)}
 
 
-def _shard_rows(output: str | Path, items: list[SynthItem], folders: list[Path]) -> dict[str, tuple[Path, dict]]:
+def _shard_rows(output: str | Path, items: list[SynthItem], folders: list[Path], *,
+                refuse_missing: str | None = None) -> dict[str, tuple[Path, dict]]:
     """Each planned item's row in the shard ``folders`` (with the folder holding its image), if it is in one and not
-    yet merged into OUTPUT."""
+    yet merged into OUTPUT. With ``refuse_missing`` (the fix to print), refuses while a planned item is in neither."""
     merged, planned = _done_ids(Path(output)), {it.id for it in items}
     rows: dict[str, tuple[Path, dict]] = {}
     for folder in folders:
         for row in read_metadata_lines(folder / "train" / METADATA, tolerate_partial_tail=True):
             if str(row["id"]) in planned and str(row["id"]) not in merged:
                 rows[str(row["id"])] = (folder / "train", row)
-    return rows
-
-
-def _refuse_missing(output: str | Path, items: list[SynthItem], rows: dict[str, tuple[Path, dict]], fix: str) -> None:
-    merged = _done_ids(Path(output))
-    missing = [it.id for it in items if it.id not in rows and it.id not in merged]
+    missing = [it.id for it in items if it.id not in rows and it.id not in merged] if refuse_missing else []
     if missing:
         raise ConfigError(f"{len(missing)} planned images are in no shard yet (first: {missing[0]})",
-                          where=str(Path(output) / "shards"), fix=fix)
+                          where=str(Path(output) / "shards"), fix=refuse_missing)
+    return rows
 
 
 def _merge_shards(writer: DatasetWriter, items: list[SynthItem], rows: dict[str, tuple[Path, dict]]) -> int:
@@ -807,8 +804,7 @@ def _synthesize_in_workers(cfg: SynthConfig, items: list[SynthItem], class_names
                         process.terminate()
                     process.join()
     merge_start = time.time()
-    rows = _shard_rows(out, items, _worker_folders(out))
-    _refuse_missing(out, items, rows, fix="rerun the same command to draw them")
+    rows = _shard_rows(out, items, _worker_folders(out), refuse_missing="rerun the same command to draw them")
     with _writer(cfg, out, class_names, in_flight=64) as writer:
         discard_partial_writes(out / "run")
         record = RunRecord.start(out / "run", "synth", cfg)
