@@ -8,7 +8,8 @@ classifier-free guidance — every image saved as PNG.
   (b) the stock pipeline called on batches of ``--batch-size`` images (lists of images, prompts
       and per-image generators);
   (c) ``genaug synth --method augcond --augcond-mode none`` at the same batch size (the whole
-      engine: planning, batched sampling, atomic PNG + metadata writes);
+      engine: planning, batched sampling with the UNet traced (``--trace-unet``, its default), atomic PNG +
+      metadata writes); with ``--untraced``, also ``engine_untraced``: the same with ``--no-trace-unet``;
   (d) the same with ``--compile`` (the UNet through torch.compile), timed with the compile included,
       from a cold inductor cache (a fresh cache folder) and again in a new process with that cache warm,
       as the second synthesis stage of a recipe finds it;
@@ -17,14 +18,15 @@ classifier-free guidance — every image saved as PNG.
   (f) with ``--large-batch-size N``: (b) and (c) again at batch N, eager. Ratio (a) is the engine
       against one pipeline call per image, so the engine may use the batch it runs best at; (b)
       is measured again at that same batch.
-  (g) with ``--workers N``: (c) with ``synth --workers N``: this process and N - 1 spawned ones claim
-      batches from one queue, each with ``--threads``/N torch threads, at the same batch size, merged into one
-      dataset at the end (and at ``--large-batch-size`` too, if given). Its whole clock covers starting the
-      processes, every model load and the merge (the others' exclude loading); beside it, the "after load"
-      clock starts once the first process has its model, as the others' clocks do, and still covers the
-      other processes' start-up and the merge. Round-by-round (paired) ratios are reported too. Its peak RSS
-      is this process's plus N times the largest worker's (an upper bound).
-
+  (g) with ``--workers N``: (c) with ``synth --workers N`` at the same batch size (and at ``--large-batch-size``
+      too, if given), each worker with ``--threads``/N torch threads, claiming batches from one queue.
+      ``--worker-kind threads`` (the default; variant ``engine_threads``): N threads of one process share one
+      model, so the run is measured in one process, its clock as (c)'s. ``--worker-kind processes`` (variant
+      ``engine_workers``): this process and N - 1 spawned ones, merged into one dataset at the end; its whole
+      clock covers starting the processes, every model load and the merge (the others' exclude loading); beside
+      it, the "after load" clock starts once the first process has its model, as the others' clocks do, and
+      still covers the other processes' start-up and the merge. Its peak RSS is this process's plus N times the
+      largest worker's (an upper bound). ``both`` runs the two. Round-by-round (paired) ratios are reported too.
 The per-image loop is slow and steady, so it runs on the first ``--loop-images`` images only; ratios
 are of images/s.
 
@@ -43,6 +45,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -98,7 +101,8 @@ def _stock(args, batch_size: int, out_dir: str, n_images: int, inductor_cache: s
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
-def _engine(args, batch_size: int, out_dir: str, inductor_cache: str | None, workers: int, queue) -> None:
+def _engine(args, batch_size: int, out_dir: str, inductor_cache: str | None, workers: int, worker_kind: str,
+            trace_unet: bool, queue) -> None:
     import os
 
     if inductor_cache:  # before torch is imported, so inductor reads it
@@ -119,20 +123,40 @@ def _engine(args, batch_size: int, out_dir: str, inductor_cache: str | None, wor
     cfg = SynthConfig(model=args.model, output=str(Path(out_dir) / "synth"), method="augcond", augcond_mode="none",
                       real_data=str(subset), per_real=1, prompt_templates=["a photo of a {}"],
                       guidance_scale=args.guidance, num_inference_steps=args.steps, batch_size=batch_size,
-                      device="cpu", seed=0, compile=bool(inductor_cache), workers=workers)
-    # The engine's own clock covers sampling and writing (not model loading), like the stock runs'; with workers
-    # it covers everything from starting them to the merged dataset.
+                      device="cpu", seed=0, compile=bool(inductor_cache), workers=workers, worker_kind=worker_kind,
+                      trace_unet=trace_unet)
+    # The engine's own clock covers sampling and writing (not model loading), like the stock runs'; with worker
+    # processes it covers everything from starting them to the merged dataset.
     called = time.perf_counter()
     seconds = synthesize(cfg).seconds
     extra = {"end_to_end_seconds": time.perf_counter() - called}  # model loading and planning included
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if workers > 1:
+    extra["after_load_seconds"] = seconds  # threads: the clock already starts once the model is loaded
+    if workers > 1 and worker_kind == "processes":
         peak += workers * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         metrics = json.loads((Path(out_dir) / "synth" / "run" / "metrics.json").read_text())
         # From the moment this process has its model (as the other variants' clocks start) to the merged
         # dataset: the other workers' start-up and loading stay inside.
         extra["after_load_seconds"] = metrics["seconds"] - metrics["worker_started_after_seconds"][0]
     queue.put({"seconds": seconds, "peak_rss_mb": peak, **extra})
+
+
+WORKER_VARIANT = {"threads": "threads", "processes": "workers"}  # --worker-kind -> variant name engine_<...>
+
+
+def _worker_ratios(name: str, rate: dict[str, float], after_load: list[float], n: int,
+                   paired: Callable[..., float]) -> dict[str, float | list[float]]:
+    """Ratios of one (g) variant: vs stock at its batch size (whole clock, after load, paired), vs the one-worker
+    engine, vs the per-image loop (a)."""
+    large = name.endswith("_large")
+    stock, engine = ("stock_batched_large", "engine_large") if large else ("stock_batched", "engine")
+    return {f"vs_{stock}": round(rate[name] / rate[stock], 2),
+            f"vs_{stock}_paired": paired(name, stock),
+            f"vs_{engine}": round(rate[name] / rate[engine], 2),
+            "vs_stock_loop": round(rate[name] / rate["stock_loop"], 2),
+            "after_load_seconds_per_round": [round(x, 2) for x in after_load],
+            f"after_load_vs_{stock}_paired": paired(name, stock, "after_load_seconds"),
+            "after_load_vs_stock_loop": round(n / float(np.median(after_load)) / rate["stock_loop"], 2)}
 
 
 def main() -> None:
@@ -152,7 +176,11 @@ def main() -> None:
                         help="also run (b) and (c) at this batch size (eager), for ratio (a) at the engine's "
                              "best batch and ratio (b) there too")
     parser.add_argument("--workers", type=int, default=0,
-                        help="also run (g): the engine with this many worker processes (--threads shared out)")
+                        help="also run (g): the engine with this many workers (--threads shared out)")
+    parser.add_argument("--untraced", action="store_true",
+                        help="also run (c) with --no-trace-unet (engine_untraced): the UNet called eagerly, as stock")
+    parser.add_argument("--worker-kind", choices=["threads", "processes", "both"], default="threads",
+                        help="(g)'s workers: threads of one process, spawned processes, or both variants")
     args = parser.parse_args()
     n = args.images
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,22 +196,32 @@ def main() -> None:
             d = Path(tmp) / f"round{r}"
             variants = {"stock_loop": (_stock, 1, min(args.loop_images, n)),
                         "stock_batched": (_stock, args.batch_size, n), "engine": (_engine, args.batch_size, None)}
-            if args.workers > 1:
-                variants["engine_workers"] = (_engine, args.batch_size, None)
+            if args.untraced:
+                variants["engine_untraced"] = (_engine, args.batch_size, None)
+            kinds = {"threads": ["threads"], "processes": ["processes"], "both": ["threads", "processes"]}
+            worker_variants = {f"engine_{WORKER_VARIANT[kind]}": kind
+                               for kind in (kinds[args.worker_kind] if args.workers > 1 else [])}
+            for name in worker_variants:
+                variants[name] = (_engine, args.batch_size, None)
             if args.large_batch_size:
                 variants["stock_batched_large"] = (_stock, args.large_batch_size, n)
                 variants["engine_large"] = (_engine, args.large_batch_size, None)
-                if args.workers > 1:
-                    variants["engine_workers_large"] = (_engine, args.large_batch_size, None)
+                for name in list(worker_variants):
+                    variants[f"{name}_large"] = (_engine, args.large_batch_size, None)
+                    worker_variants[f"{name}_large"] = worker_variants[name]
             results = {}
             for name, (target, batch, count) in variants.items():
                 (d / name).mkdir(parents=True)
-                workers = args.workers if name.startswith("engine_workers") else 1
-                extra = (count, None) if target is _stock else (None, workers)
+                if target is _stock:
+                    extra = (count, None)
+                elif name in worker_variants:
+                    extra = (None, args.workers, worker_variants[name], True)
+                else:
+                    extra = (None, 1, "threads", name != "engine_untraced")
                 results[name] = run_isolated(target, args, batch, str(d / name), *extra)
             rounds.append(results)
-        after_load = {name: [r[name]["after_load_seconds"] for r in rounds]
-                      for name in ("engine_workers", "engine_workers_large") if name in rounds[0]}
+        worker_names = [name for name in rounds[0] if name.startswith(("engine_threads", "engine_workers"))]
+        after_load = {name: [r[name]["after_load_seconds"] for r in rounds] for name in worker_names}
 
         def paired(name: str, baseline: str, key: str = "seconds", baseline_key: str = "seconds") -> float:
             """The median over rounds of baseline seconds / this variant's seconds, round by round."""
@@ -195,9 +233,9 @@ def main() -> None:
                     engine=Path(tmp) / "round0/engine")
         if not args.no_compile:
             runs["engine_compiled_cold_cache"] = run_isolated(_engine, args, args.batch_size,
-                                                              str(dirs["compiled-cold"]), cache, 1)
+                                                              str(dirs["compiled-cold"]), cache, 1, "threads", False)
             runs["engine_compiled_warm_cache"] = run_isolated(_engine, args, args.batch_size,
-                                                              str(dirs["compiled-warm"]), cache, 1)
+                                                              str(dirs["compiled-warm"]), cache, 1, "threads", False)
         if args.stock_compiled:
             runs["stock_batched_compiled"] = run_isolated(
                 _stock, args, args.batch_size, str(dirs["stock-compiled"]), n, cache)
@@ -210,12 +248,10 @@ def main() -> None:
                            for i, r in enumerate(ds.records)))
 
         diffs = {"engine": largest_difference(dirs["engine"])}
-        if args.workers > 1:
-            diffs["engine_workers"] = largest_difference(Path(tmp) / "round0/engine_workers")
         if args.large_batch_size:  # same per-item seeds: equal across batch sizes within 2/255
             diffs["engine_large"] = largest_difference(Path(tmp) / "round0/engine_large")
-            if args.workers > 1:
-                diffs["engine_workers_large"] = largest_difference(Path(tmp) / "round0/engine_workers_large")
+        for name in worker_names:
+            diffs[name] = largest_difference(Path(tmp) / f"round0/{name}")
         if not args.no_compile:
             diffs["engine_compiled"] = largest_difference(dirs["compiled-cold"])
     counts = {name: min(args.loop_images, n) if name == "stock_loop" else n for name in runs}
@@ -236,40 +272,26 @@ def main() -> None:
         "seconds_per_round": {name: r["all_seconds"] for name, r in runs.items() if "all_seconds" in r},
         "engine_vs_stock_loop": round(rate["engine"] / rate["stock_loop"], 2),
         "engine_vs_stock_batched": round(rate["engine"] / rate["stock_batched"], 2),
-        **({"workers": args.workers,
-            "engine_workers_vs_stock_batched": round(rate["engine_workers"] / rate["stock_batched"], 2),
-            "engine_workers_vs_engine": round(rate["engine_workers"] / rate["engine"], 2),
-            "engine_workers_vs_stock_loop": round(rate["engine_workers"] / rate["stock_loop"], 2),
-            "engine_workers_vs_stock_batched_paired": paired("engine_workers", "stock_batched"),
-            "engine_workers_after_load_seconds_per_round": [round(x, 2) for x in after_load["engine_workers"]],
-            "engine_workers_after_load_vs_stock_batched": round(runs["stock_batched"]["seconds"]
-                                                                / float(np.median(after_load["engine_workers"])), 2),
-            "engine_workers_after_load_vs_stock_batched_paired": paired("engine_workers", "stock_batched",
-                                                                        "after_load_seconds"),
-            "engine_workers_after_load_vs_stock_loop": round(
-                n / float(np.median(after_load["engine_workers"])) / rate["stock_loop"], 2)}
-           if args.workers > 1 else {}),
+        "engine_vs_stock_batched_paired": paired("engine", "stock_batched"),
+        **({"engine_untraced_vs_stock_batched_paired": paired("engine_untraced", "stock_batched"),
+            "engine_vs_engine_untraced_paired": paired("engine", "engine_untraced")} if args.untraced else {}),
+        **({"workers": args.workers, "worker_kind": args.worker_kind} if worker_names else {}),
+        # (g): each worker variant against stock at its batch size, against the one-worker engine, and against the
+        # per-image loop (ratio (a)); paired ratios are round by round, on the whole clock and after load
+        **{f"{name}_{key}": value for name in worker_names for key, value in _worker_ratios(
+            name, rate, after_load[name], n, paired).items()},
         **{f"{name}_vs_stock_batched": round(rate[name] / rate["stock_batched"], 2)
            for name in rate if name.startswith(("engine_compiled", "stock_batched_compiled"))},
         **({"large_batch_size": args.large_batch_size,
             "engine_large_vs_stock_loop": round(rate["engine_large"] / rate["stock_loop"], 2),
-            "engine_large_vs_stock_batched_large": round(rate["engine_large"] / rate["stock_batched_large"], 2),
-            **({"engine_workers_large_vs_stock_loop": round(rate["engine_workers_large"] / rate["stock_loop"], 2),
-                "engine_workers_large_vs_stock_batched_large": round(rate["engine_workers_large"]
-                                                                     / rate["stock_batched_large"], 2),
-                "engine_workers_large_after_load_seconds_per_round": [round(x, 2) for x in
-                                                                      after_load["engine_workers_large"]],
-                "engine_workers_large_after_load_vs_stock_loop": round(
-                    n / float(np.median(after_load["engine_workers_large"])) / rate["stock_loop"], 2),
-                "engine_workers_large_after_load_vs_stock_batched_large_paired": paired(
-                    "engine_workers_large", "stock_batched_large", "after_load_seconds")}
-               if args.workers > 1 else {})}
+            "engine_large_vs_stock_batched_large": round(rate["engine_large"] / rate["stock_batched_large"], 2)}
            if args.large_batch_size else {}),
         "peak_rss_mb": {name: round(r["peak_rss_mb"]) for name, r in runs.items()},
         "max_pixel_difference_vs_stock_batched": diffs,
         "timed": "sampling + PNG writing (and the compile, where there is one); model loading excluded, except "
-                 "for engine_workers (every process's start and model loading and the merge included; its "
-                 "after_load clock excludes only the first process's model loading, as the others' clocks do)",
+                 "for engine_workers, the worker processes (every process's start and model loading and the merge "
+                 "included; its after_load clock excludes only the first process's model loading, as the others' "
+                 "clocks do)",
     }
     print(json.dumps(report, indent=2))
 

@@ -258,8 +258,11 @@ def stages(kit, pool, concept, labelled, reference) -> dict[str, Stage]:
                      checkpoint_every=1, device="cpu", seed=0) + ["--no-progress"]
 
     return {
-        "synth": Stage("synth", lambda out: synth_argv(kit, out), compare_datasets(8), "train", "writing",
+        "synth": Stage("synth", lambda out: synth_argv(kit, out, workers=1), compare_datasets(8), "train", "writing",
                        partial_dataset),
+        # two threads drawing batches at once: written in plan order, so a kill leaves a start of the plan
+        "synth-threads": Stage("synth", lambda out: synth_argv(kit, out, workers=2), compare_datasets(8), "train",
+                               "writing", partial_dataset),
         "index": Stage("index", index_argv, compare_index, ".", "building an index in", partial_index),
         "retrieve": Stage("retrieve", retrieve_argv, compare_datasets(12), "train", "writing", partial_dataset),
         "train-lora": Stage("train-lora", lora_argv, compare_lora, ".", "training an adapter in", partial_training),
@@ -269,8 +272,8 @@ def stages(kit, pool, concept, labelled, reference) -> dict[str, Stage]:
     }
 
 
-STAGE_SEEDS = [("synth", 11), ("index", 41), ("retrieve", 51), ("train-lora", 61), ("train-classifier", 71),
-               ("train-ti", 81)]
+STAGE_SEEDS = [("synth", 11), ("synth-threads", 13), ("index", 41), ("retrieve", 51), ("train-lora", 61),
+               ("train-classifier", 71), ("train-ti", 81)]
 
 
 # --------------------------------------------------------------------------- kill -9

@@ -69,8 +69,10 @@ def test_budgets_from_real_data(kit, tmp_path):
     (dict(class_names=[]), "real_data or class_names"),
     (dict(prompt_templates=["no slot"]), "has no"),
     (dict(resolution=30), "multiple of 8"),
-    (dict(workers=0), "workers must be >= 1"),
-    (dict(workers=2, shard="0/2"), "leave shard and merge_shards unset"),
+    (dict(workers=-1), "workers must not be negative"),
+    (dict(workers=2, worker_kind="processes", shard="0/2"), "leave shard and merge_shards unset"),
+    (dict(worker_kind="fibres"), "worker_kind must be threads or processes"),
+    (dict(workers=2, compile=True), "compiled UNet draws in one thread"),
 ])
 def test_config_checks(kw, msg):
     base = dict(model="m", class_names=["a"])
@@ -100,9 +102,9 @@ def real_data(kit, tmp_path):
     ("unclip", "augcond", dict(augcond_mode="pixel_mixup+embed_mixup+embed_cutmix+img2img")),
 ])
 def test_image_methods_record_provenance_and_batch_invariance(kit, real_data, tmp_path, arch, method, extra):
-    def run(out, batch_size):
+    def run(out, batch_size, **kw):
         return synthesize(_cfg(kit, out, model=str(kit(arch)), method=method, real_data=str(real_data),
-                               images_per_class=0, per_real=3, class_names=[], batch_size=batch_size, **extra))
+                               images_per_class=0, per_real=3, class_names=[], batch_size=batch_size, **extra, **kw))
 
     result = run(tmp_path / "a", 4)
     assert result.generated == 12  # 3 per real image, 4 real images
@@ -121,8 +123,12 @@ def test_image_methods_record_provenance_and_batch_invariance(kit, real_data, tm
         row = ds.records[0]
         assert {"partner", "mix_lambda", "augcond_mode"} <= set(row) and 0 <= row["mix_lambda"] <= 1
     assert len(load_hf_dataset(tmp_path / "a")["train"]) == 12
-    run(tmp_path / "b", 1)
+    run(tmp_path / "b", 1, workers=1)
     assert_same_images(ds, read_dataset(tmp_path / "b"))
+    # Two threads drawing batches from one pipeline write the one-thread dataset, line for line.
+    run(tmp_path / "c", 1, workers=2)
+    assert read_dataset(tmp_path / "c").records == read_dataset(tmp_path / "b").records
+    assert_same_images(read_dataset(tmp_path / "b"), read_dataset(tmp_path / "c"), in_order=True)
 
 
 def test_spectrum_level_one_is_the_real_image_through_the_vae(kit, real_data, tmp_path):
@@ -170,6 +176,41 @@ def test_diagen_noise_changes_the_class_tokens_only(kit, real_data, tmp_path):
     assert {r["embedding_noise_std"] for r in read_dataset(tmp_path / "d").records} == {0.01}
 
 
+@pytest.mark.parametrize("arch,method,extra", [
+    ("sd15", "img2img", dict(strength_choices=[0.25, 0.5, 1.0])),  # the active rows change within a batch
+    ("unclip", "augcond", dict(augcond_mode="embed_mixup+dropout")),
+])
+def test_the_traced_unet_draws_the_eager_images_bit_for_bit(kit, real_data, tmp_path, arch, method, extra):
+    def run(out, **kw):
+        synthesize(_cfg(kit, out, model=str(kit(arch)), method=method, real_data=str(real_data), images_per_class=0,
+                        per_real=2, class_names=[], batch_size=3, **extra, **kw))
+        ds = read_dataset(out)
+        return [ds.image_path(i).read_bytes() for i in range(len(ds))]
+
+    assert run(tmp_path / "traced") == run(tmp_path / "eager", trace_unet=False)
+
+
+def test_one_trace_serves_every_batch_size(kit):
+    from genaug.generate import sampler as sampler_module
+    from genaug.generate.sampler import Conditioning, Sampler
+    from genaug.models.loading import load_pipeline
+
+    pipe = load_pipeline(str(kit("unclip")), device="cpu")
+    images = {}
+    for trace in (False, True):
+        pipe.genaug_trace_unet = trace
+        for batch in (1, 3, 5):
+            sampler = Sampler(pipe)
+            generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+            pos, neg = sampler.encode_text(["a red circle"] * batch)
+            cond = Conditioning(pos, neg, sampler.class_labels(None, 0, generators, batch))
+            images[trace, batch] = sampler.sample(cond, generators, size=32, num_steps=2, guidance_scale=3.0)
+    traces = list(sampler_module._TRACES[pipe.unet].values())
+    assert len(traces) == 1 and traces[0] is not None  # traced once, for the first batch size
+    for batch in (1, 3, 5):
+        assert np.array_equal(images[True, batch], images[False, batch])
+
+
 def test_augcond_without_augmentation_equals_the_stock_unclip_pipeline(kit, real_data, tmp_path):
     """The engine's image-conditioned path is the stock diffusers StableUnCLIPImg2ImgPipeline, batched."""
     from genaug.models.loading import default_resolution, load_pipeline
@@ -209,11 +250,73 @@ def test_shards_merge_into_the_unsharded_dataset(kit, tmp_path):
         SynthConfig(model="m", class_names=["a"], shard="2/2")
 
 
+def test_worker_threads_write_in_plan_order_and_stop_at_the_first_failure(kit, tmp_path, monkeypatch):
+    import genaug.generate.synth as synth_module
+    from genaug.errors import ModelError
+
+    synthesize(_cfg(kit, tmp_path / "whole", images_per_class=4, batch_size=1, workers=1))
+    whole = read_dataset(tmp_path / "whole")
+    threads = synthesize(_cfg(kit, tmp_path / "threads", images_per_class=4, batch_size=1, workers=2))
+    assert threads.generated == 8 and read_dataset(tmp_path / "threads").records == whole.records
+    metrics = json.loads((tmp_path / "threads" / "run" / "metrics.json").read_text())
+    assert (metrics["workers"], metrics["worker_kind"]) == (2, "threads")
+    assert metrics["threads_per_worker"] == max(1, torch.get_num_threads() // 2)
+
+    # Batch 3 fails: its error reaches the caller; the batches claimed before it finish and are written, in plan
+    # order; the rest are left for the rerun.
+    real_method = synth_module.create_method("text")
+    calls = []
+
+    def generate(pipe, items, cfg, size, real):
+        calls.append(items[0].id)
+        if items[0].id == whole.records[3]["id"]:
+            raise ModelError("the generator broke", where="test", fix="none")
+        return real_method.generate(pipe, items, cfg, size, real)
+
+    failing = synth_module.SynthMethod("text", real_method.plan, generate, real_method.help)
+    monkeypatch.setattr(synth_module, "create_method", lambda name: failing)
+    own_threads = torch.get_num_threads()
+    with pytest.raises(ModelError, match="the generator broke"):
+        synthesize(_cfg(kit, tmp_path / "failed", images_per_class=4, batch_size=1, workers=2))
+    assert torch.get_num_threads() == own_threads  # given back after the failure
+    written = read_dataset(tmp_path / "failed").records
+    assert written == whole.records[:3] and 4 <= len(calls) <= 5
+    monkeypatch.undo()
+    resumed = synthesize(_cfg(kit, tmp_path / "failed", images_per_class=4, batch_size=1, workers=2))
+    assert resumed.generated == 8 - len(written)
+    assert read_dataset(tmp_path / "failed").records == whole.records
+
+
+def test_pipeline_state_lock_lets_go_only_while_sampling():
+    import threading
+
+    from genaug.generate.sampler import PipelineStateLock
+
+    lock, order = PipelineStateLock(), []
+    with lock.released():  # a thread that does not hold it: nothing to let go
+        order.append("alone")
+
+    def other():
+        with lock.held():
+            order.append("other")
+
+    with lock.held():
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(0.2)
+        assert thread.is_alive()  # blocked while this thread holds it
+        with lock.released():
+            thread.join(5)
+            order.append("sampled")
+        assert not thread.is_alive()
+    assert order == ["alone", "other", "sampled"]
+
+
 def test_workers_write_the_one_process_dataset(kit, tmp_path):
     from genaug.errors import ModelError
 
     synthesize(_cfg(kit, tmp_path / "whole", images_per_class=3))
-    two = synthesize(_cfg(kit, tmp_path / "two", images_per_class=3, workers=2))
+    two = synthesize(_cfg(kit, tmp_path / "two", images_per_class=3, workers=2, worker_kind="processes"))
     assert (two.planned, two.generated) == (6, 6)
     whole_ds, two_ds = read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "two")
     assert_same_images(whole_ds, two_ds, in_order=True)
@@ -222,11 +325,12 @@ def test_workers_write_the_one_process_dataset(kit, tmp_path):
     metrics = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
     assert metrics["workers"] == 2 and metrics["generated"] == 6 and metrics["seconds"] == two.seconds
     # A grown budget: the workers draw only the new images; a rerun draws nothing (and starts no process).
-    more = synthesize(_cfg(kit, tmp_path / "two", images_per_class=4, workers=2))
+    more = synthesize(_cfg(kit, tmp_path / "two", images_per_class=4, workers=2, worker_kind="processes"))
     assert (more.generated, more.skipped_existing) == (2, 6)
     synthesize(_cfg(kit, tmp_path / "whole", images_per_class=4))
     assert_same_images(read_dataset(tmp_path / "whole"), read_dataset(tmp_path / "two"), in_order=True)
-    assert synthesize(_cfg(kit, tmp_path / "two", images_per_class=4, workers=2)).generated == 0
+    again = synthesize(_cfg(kit, tmp_path / "two", images_per_class=4, workers=2, worker_kind="processes"))
+    assert again.generated == 0
     # A killed run (here with more workers) left 3 images in a worker folder: they count as drawn, and the merge
     # keeps their bytes.
     from genaug.artefacts import DatasetWriter
@@ -238,7 +342,7 @@ def test_workers_write_the_one_process_dataset(kit, tmp_path):
             row = whole.records[i]
             writer.add(row["id"], whole.image(i), row["label"],
                        **{k: v for k, v in row.items() if k not in ("file_name", "id", "label", "class_name")})
-    resumed = synthesize(_cfg(kit, tmp_path / "resumed", images_per_class=4, workers=2))
+    resumed = synthesize(_cfg(kit, tmp_path / "resumed", images_per_class=4, workers=2, worker_kind="processes"))
     assert (resumed.generated, resumed.skipped_existing) == (5, 3)
     resumed_ds = read_dataset(tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "shards").exists()
@@ -253,7 +357,7 @@ def test_workers_write_the_one_process_dataset(kit, tmp_path):
         assert kept[whole.records[i]["id"]] == whole.image_path(i).read_bytes()
     # A worker's one-line error reaches the caller as its own class; nothing is written.
     with pytest.raises(ModelError, match="model_index.json missing"):
-        synthesize(_cfg(kit, tmp_path / "bad", model=str(tmp_path), workers=2))
+        synthesize(_cfg(kit, tmp_path / "bad", model=str(tmp_path), workers=2, worker_kind="processes"))
     assert not (tmp_path / "bad").exists()
 
 

@@ -12,12 +12,19 @@ none. This sampler runs the UNet of an SD-family or unCLIP-family pipeline direc
   embedding; the null condition is all zeros, as in ``StableUnCLIPImg2ImgPipeline``'s
   classifier-free guidance, which makes text-only sampling of unCLIP models possible;
 * delayed adapters (FastComposer's delayed subject conditioning): the first steps run the base UNet on a
-  prompt without the concept, then the adapters join.
+  prompt without the concept, then the adapters join;
+* optionally the UNet as a TorchScript trace (``traced_unet``): the same aten ops, without diffusers' Python
+  around each of them.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -47,6 +54,93 @@ class DelayedAdapters:
     cond: Conditioning
 
 
+class PipelineStateLock:
+    """Lets several threads draw batches from one pipeline at once (``synth --workers N``).
+
+    A drawing thread holds it (``held``) while it prepares a batch: tokenizers, a text-encoder hook and adapter
+    switches are state that the threads share. The sampler lets go of it (``released``) while it denoises and
+    decodes, most of a batch's time, which only reads the weights (each batch has its own scheduler). In a thread
+    that does not hold it, ``released`` does nothing, so one-thread runs never touch it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            self._local.held = True
+            try:
+                yield
+            finally:
+                self._local.held = False
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._local.held = False
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
+            self._local.held = True
+
+
+PIPELINE_STATE = PipelineStateLock()
+
+
+_TRACES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_TRACE_LOCK = threading.Lock()
+
+
+class _UNetCall(torch.nn.Module):
+    """The UNet's call as the sampler makes it, in the positional form ``torch.jit.trace`` records."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, text, *class_labels):
+        return self.unet(sample, timestep, encoder_hidden_states=text,
+                         class_labels=class_labels[0] if class_labels else None, return_dict=False)[0]
+
+
+def traced_unet(unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                labels: torch.Tensor | None):
+    """``unet`` as a TorchScript trace for calls shaped like this one, or None where tracing fails (the caller runs
+    it eagerly).
+
+    A small UNet on a CPU spends a good share of each call in diffusers' Python between the ops; the trace runs the
+    same aten ops (the same outputs, bit for bit) from C++, and without holding the GIL, so sampling threads overlap
+    better. One trace per latent shape, text shape, conditioning kind, dtype and device; the batch dimension stays
+    free (tests check several sizes), except that diffusers' upsampler changes memory layout from 64 rows on. The
+    trace records the UNet as it is, adapters included: callers that switch adapters between calls must not use it.
+    """
+    key = (tuple(sample.shape[1:]), tuple(text.shape[1:]), labels is None, sample.dtype, sample.device.type,
+           sample.shape[0] >= 64)
+    with _TRACE_LOCK:  # one trace per key, even when several threads reach it at once
+        traces = _TRACES.setdefault(unet, {})
+        if key not in traces:
+            inputs = (sample, timestep, text) + ((labels,) if labels is not None else ())
+            try:
+                with warnings.catch_warnings():
+                    # diffusers' shape checks (batch size >= 64, output size) run once at trace time; see the key
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    # torch >= 2.9 marks jit.trace deprecated (torch.compile's cold start is 44 s here, the trace's
+                    # half a second); should it go, the except below samples eagerly
+                    warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)
+                    traces[key] = torch.jit.trace(_UNetCall(unet).eval(), inputs, check_trace=False)
+            except Exception as exc:  # noqa: BLE001 - an untraceable UNet still samples, eagerly
+                warnings.warn(f"the UNet could not be traced ({type(exc).__name__}: {exc}); sampling eagerly",
+                              stacklevel=2)
+                traces[key] = None
+        return traces[key]
+
+
 class Sampler:
     def __init__(self, pipe):
         from diffusers import DDIMScheduler
@@ -62,6 +156,10 @@ class Sampler:
         config.update(clip_sample=False, set_alpha_to_one=False)
         self.scheduler = DDIMScheduler.from_config(config)
         self.scaling = self.vae.config.scaling_factor
+        # Set by synth (``SynthConfig.trace_unet``), which loads every adapter before it samples and never switches
+        # them; a compiled UNet is a graph already.
+        self.trace = bool(getattr(pipe, "genaug_trace_unet", False)) and not getattr(self.unet, "genaug_padded_batch",
+                                                                                    None)
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
@@ -119,7 +217,11 @@ class Sampler:
                strengths: torch.Tensor | None = None, delayed: DelayedAdapters | None = None) -> np.ndarray:
         """Denoise one batch; returns uint8 images (B, H, W, 3)."""
         if delayed is None or delayed.steps == 0:
-            return self._denoise(cond, generators, size, num_steps, guidance_scale, init_latents, strengths, None)
+            with PIPELINE_STATE.released():  # other threads' batches may denoise or be prepared meanwhile
+                return self._denoise(cond, generators, size, num_steps, guidance_scale, init_latents, strengths,
+                                     None)
+        # Delayed adapters keep PIPELINE_STATE: switching the UNet's LoRA changes every thread's UNet.
+        self.trace = False  # a trace would keep the LoRA as it was when traced
         try:  # _denoise switches the UNet's LoRA on at step delayed.steps; on again here whatever happens
             self._switch_unet_lora(False)
             return self._denoise(cond, generators, size, num_steps, guidance_scale, init_latents, strengths, delayed)
@@ -194,6 +296,9 @@ class Sampler:
             quarter = -(-full // 4)
             target = min(full, -(-rows // quarter) * quarter)
         if target == rows:
+            traced = traced_unet(self.unet, model_in, t, text, labels) if self.trace else None
+            if traced is not None:
+                return traced(model_in, t, text, *([labels] if labels is not None else []))
             return self.unet(model_in, t, encoder_hidden_states=text, class_labels=labels).sample
 
         def pad(x: torch.Tensor) -> torch.Tensor:  # repeat each half's first row; those outputs are dropped

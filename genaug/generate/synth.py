@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,10 @@ from ..artefacts import (METADATA, DatasetWriter, GenaugDataset, discard_partial
 from ..budget import check_budget, images_per_class_budget
 from ..config import option
 from ..errors import ConfigError, ModelError
-from ..models.loading import compile_unet, default_resolution, load_pipeline, pipeline_family
+from ..models.loading import compile_unet, default_resolution, load_pipeline, pipeline_family, resolve_device
 from ..runs import RunRecord
 from .prompts import DEFAULT_TEMPLATES, fill
-from .sampler import Conditioning, Sampler, to_pil
+from .sampler import PIPELINE_STATE, Conditioning, Sampler, to_pil
 
 
 def item_seed(run_seed: int, item_id: str) -> int:
@@ -78,6 +79,9 @@ class SynthConfig:
     xformers: bool = option(False, "use xformers attention (CUDA only; torch SDPA is the default)")
     writer_threads: int = option(2, "threads that encode and write PNGs while the next batch denoises "
                                     "(0: each batch is on disk before the next starts)")
+    trace_unet: bool = option(True, "run the UNet as a TorchScript trace (made in about 0.5 s at the first call): "
+                                    "the same ops and outputs without diffusers' Python between them, and without "
+                                    "the GIL, so worker threads overlap (benchmarks/RESULTS.md); ignored with compile")
     compile: bool = option(False, "torch.compile the UNet: a one-off compile (44 s on 2 CPU cores for the embedded "
                                   "model, seconds with a warm cache) for 1.3x cheaper steps; pays from about 2,400 "
                                   "images cold (benchmarks/RESULTS.md)")
@@ -91,11 +95,14 @@ class SynthConfig:
     shard: str = option("", "i/N: generate only the i-th of N interleaved shares of the plan, into "
                             "OUTPUT/shards/; 'auto' takes i and N from accelerate/torchrun (RANK, WORLD_SIZE)")
     merge_shards: int = option(0, "N: merge the N finished shards in OUTPUT/shards/ into OUTPUT (no generation)")
-    workers: int = option(1, "processes on this machine that draw at once: this one and N-1 spawned ones take "
-                             "batches from one queue, each with an equal share of torch's threads, then one merge "
-                             "writes OUTPUT (same images as 1 worker). On a CPU, small UNets use threads poorly at "
-                             "small batches: on 2 cores at batch 24, 2 workers x 1 thread beat 1 x 2 threads; not "
-                             "at batch 96 (benchmarks/RESULTS.md)")
+    workers: int = option(0, "workers on this machine that draw batches at once from one queue, each with an "
+                             "equal share of torch's threads (same dataset as 1 worker). 0: auto, 2 on a CPU with 2 "
+                             "or more torch threads, else 1 (and 1 with compile or on a GPU). On a CPU, small UNets "
+                             "use threads poorly: on 2 cores at batch 24, 2 workers x 1 thread draw 1.4x as fast as "
+                             "1 x 2 threads (benchmarks/RESULTS.md)")
+    worker_kind: str = option("threads", "threads: the workers are threads of this process sharing one model (no "
+                                         "extra memory; batches written in plan order); processes: this process and "
+                                         "N-1 spawned ones, each loading the model, merged at the end")
 
     def __post_init__(self) -> None:
         self.images_per_class = check_budget(self.images_per_class, self.per_real, self.balance_to,
@@ -130,10 +137,14 @@ class SynthConfig:
             parse_shard(self.shard)
         if self.merge_shards < 0:
             raise ValueError("merge_shards must not be negative")
-        if self.workers < 1:
-            raise ValueError("workers must be >= 1")
-        if self.workers > 1 and (self.shard or self.merge_shards):
-            raise ValueError("workers shards and merges by itself: leave shard and merge_shards unset")
+        if self.workers < 0:
+            raise ValueError("workers must not be negative (0: auto)")
+        if self.worker_kind not in ("threads", "processes"):
+            raise ValueError(f"worker_kind must be threads or processes, got {self.worker_kind!r}")
+        if self.workers > 1 and self.worker_kind == "processes" and (self.shard or self.merge_shards):
+            raise ValueError("worker processes shard and merge by themselves: leave shard and merge_shards unset")
+        if self.workers > 1 and self.worker_kind == "threads" and self.compile:
+            raise ValueError("a compiled UNet draws in one thread: use workers 1, or worker_kind processes")
         if self.embedding_noise_std < 0:
             raise ValueError("embedding_noise_std must not be negative")
         if not self.mix_alpha > 0 or not 0.0 <= self.embed_dropout < 1.0 or not 0 <= self.image_noise_level < 1000:
@@ -501,7 +512,8 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
 
     With a shard ``i/N`` only items ``i, i+N, i+2N, ...`` of the plan are generated, into
     ``OUTPUT/shards/``; every item keeps its id and seed, so the merged result equals an unsharded run.
-    With ``workers > 1`` this process and ``workers - 1`` others draw batches from one queue, then merge.
+    With ``workers > 1`` threads of this process (or, with ``worker_kind`` processes, this process and
+    ``workers - 1`` spawned ones, then a merge) draw batches from one queue.
     """
     cfg = _with_class_adapters(cfg)
     method = create_method(cfg.method)
@@ -510,8 +522,9 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
     items = method.plan(cfg, class_names, real)
     if cfg.merge_shards:
         return merge_synth_shards(cfg, items, class_names)
-    if cfg.workers > 1:
-        return _synthesize_in_workers(cfg, items, class_names, progress)
+    workers = resolve_workers(cfg)
+    if workers > 1 and cfg.worker_kind == "processes":
+        return _synthesize_in_workers(dataclasses.replace(cfg, workers=workers), items, class_names, progress)
     real_images = RealImages(real) if real is not None else None
     index, count = resolve_shard(cfg.shard)
     out = Path(cfg.output)
@@ -533,21 +546,38 @@ def synthesize(cfg: SynthConfig, *, progress: bool = True) -> SynthResult:
         todo = [it for it in items if it.id not in writer.done_ids]
         skipped = len(items) - len(todo)
         t0 = time.time()
+        threads = min(workers, -(-len(todo) // cfg.batch_size))
         if todo:
             size = cfg.resolution or default_resolution(pipe)
+            batches = [todo[start : start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
             # A context manager: a failure closes the bar, so the error prints on a line of its own.
-            with tqdm(total=len(todo), desc=f"synth:{cfg.method}", unit="img", dynamic_ncols=True,
-                      disable=not progress) as bar:
-                for start in range(0, len(todo), cfg.batch_size):
-                    batch = todo[start : start + cfg.batch_size]
-                    _draw_batch(pipe, method, batch, cfg, size, real_images, writer)
-                    bar.update(len(batch))
+            with tqdm(total=len(todo), desc=f"synth:{cfg.method}" + (f" ({threads} threads)" if threads > 1 else ""),
+                      unit="img", dynamic_ncols=True, disable=not progress) as bar:
+                if threads > 1:
+                    _draw_in_threads(pipe, method, batches, cfg, size, real_images, writer, bar.update, threads)
+                else:
+                    for batch in batches:
+                        _draw_batch(pipe, method, batch, cfg, size, real_images, writer)
+                        bar.update(len(batch))
         seconds = time.time() - t0
     result = SynthResult(out, cfg.method, len(items), len(todo), skipped, round(seconds, 3),
                          round(len(todo) / seconds, 3) if todo and seconds > 0 else 0.0)
     record.finish({"planned": result.planned, "generated": result.generated, "skipped_existing": skipped,
-                   "images_per_second": result.images_per_second})
+                   "images_per_second": result.images_per_second,
+                   **({"workers": threads, "worker_kind": "threads",
+                       "threads_per_worker": max(1, torch.get_num_threads() // threads)} if threads > 1 else {})})
     return result
+
+
+def resolve_workers(cfg: SynthConfig) -> int:
+    """``cfg.workers``, or for 0 (auto): 2 on a CPU with at least 2 torch threads, where two batches at once with one
+    thread each beat one batch with two; 1 on a GPU (not measured), with compile (one thread draws) and for a shard
+    or a merge (several processes share the machine already)."""
+    if cfg.workers:
+        return cfg.workers
+    if cfg.compile or cfg.shard or cfg.merge_shards or resolve_device(cfg.device).type != "cpu":
+        return 1
+    return min(2, torch.get_num_threads())
 
 
 def _with_class_adapters(cfg: SynthConfig) -> SynthConfig:
@@ -572,6 +602,7 @@ def _load_for(cfg: SynthConfig, method: SynthMethod):
         load_adapters(pipe, cfg.adapters, cfg.adapter_weights)
     if cfg.compile:
         compile_unet(pipe, cfg.batch_size)  # after the adapters, so the compiled graph includes them
+    pipe.genaug_trace_unet = cfg.trace_unet  # traced at the first call: after the adapters, which stay as they are
     if method.name != "text":
         _sampler_for(pipe, method.name, needs_unclip=method.name == "augcond")
     return pipe
@@ -586,7 +617,67 @@ def _writer(cfg: SynthConfig, out: Path, class_names: list[str], in_flight: int 
 
 def _draw_batch(pipe, method: SynthMethod, batch: list[SynthItem], cfg: SynthConfig, size: int,
                 real_images: RealImages | None, writer: DatasetWriter) -> None:
-    images = method.generate(pipe, batch, cfg, size, real_images)
+    _write_batch(writer, batch, method.generate(pipe, batch, cfg, size, real_images), cfg)
+
+
+def _draw_in_threads(pipe, method: SynthMethod, batches: list[list[SynthItem]], cfg: SynthConfig, size: int,
+                     real_images: RealImages | None, writer: DatasetWriter, on_written: Callable[[int], Any],
+                     count: int) -> None:
+    """``count`` threads claim ``batches`` in turn and draw them from the one ``pipe``, each with an equal share of
+    torch's threads; small UNets on a CPU use one process's threads poorly, and a thread's share of the work needs
+    no second model. Batches reach ``writer`` in plan order (one that finishes early waits in memory for those
+    before it), so the dataset is byte for byte the one-thread run's, and a kill loses only unwritten batches.
+    The first failure stops the others after their current batch and is raised here."""
+    claim, order, stop = threading.Lock(), threading.Lock(), threading.Event()
+    claimed = iter(range(len(batches)))
+    finished: dict[int, list] = {}
+    failures: list[BaseException] = []
+    next_to_write = 0
+
+    def draw() -> None:
+        nonlocal next_to_write
+        try:
+            while not stop.is_set():
+                with claim:
+                    k = next(claimed, None)
+                if k is None:
+                    return
+                # Preparing a batch touches shared state (tokenizer, hooks): one thread at a time; the sampler
+                # lets go while it denoises.
+                with PIPELINE_STATE.held():
+                    images = method.generate(pipe, batches[k], cfg, size, real_images)
+                with order:
+                    finished[k] = images
+                    while next_to_write in finished:
+                        _write_batch(writer, batches[next_to_write], finished.pop(next_to_write), cfg)
+                        on_written(len(batches[next_to_write]))
+                        next_to_write += 1
+        except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
+            failures.append(exc)
+            stop.set()
+
+    own_threads = torch.get_num_threads()
+    # Threads started after this take it as their own intra-op count (torch reads it when a thread first runs an op).
+    torch.set_num_threads(max(1, own_threads // count))
+    workers = [threading.Thread(target=draw, name=f"genaug-synth-{i}", daemon=True) for i in range(count)]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(0.2)  # a timeout, so that Ctrl-C reaches this thread
+    except BaseException:
+        stop.set()  # the others finish their batch; their writes are whole
+        for worker in workers:
+            worker.join()
+        raise
+    finally:
+        torch.set_num_threads(own_threads)
+    if failures:
+        raise failures[0]
+
+
+def _write_batch(writer: DatasetWriter, batch: list[SynthItem], images: list, cfg: SynthConfig) -> None:
     for it, image in zip(batch, images):
         writer.add(it.id, image, it.label, method=cfg.method, prompt=it.prompt,
                    negative_prompt=it.negative_prompt, seed=it.seed, source=it.source,
