@@ -198,9 +198,8 @@ def main() -> None:
                         "stock_batched": (_stock, args.batch_size, n), "engine": (_engine, args.batch_size, None)}
             if args.untraced:
                 variants["engine_untraced"] = (_engine, args.batch_size, None)
-            kinds = {"threads": ["threads"], "processes": ["processes"], "both": ["threads", "processes"]}
-            worker_variants = {f"engine_{WORKER_VARIANT[kind]}": kind
-                               for kind in (kinds[args.worker_kind] if args.workers > 1 else [])}
+            kinds = ["threads", "processes"] if args.worker_kind == "both" else [args.worker_kind]
+            worker_variants = {f"engine_{WORKER_VARIANT[kind]}": kind for kind in kinds} if args.workers > 1 else {}
             for name in worker_variants:
                 variants[name] = (_engine, args.batch_size, None)
             if args.large_batch_size:
