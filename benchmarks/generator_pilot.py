@@ -7,7 +7,9 @@ towers, so the shipped generator is the control. One change at a time:
 - ``--separate-text STEPS``: first train the text tower alone to name each caption's shape and pattern
   (``embedded_diagnostics.text_attribute_pretraining``), then freeze it: does a UNet that gets the
   shape and pattern words apart from its first step learn to draw them?
-- ``--generator JSON``: ``GeneratorConfig`` overrides, e.g. ``'{"snr_gamma": 5}'`` (Min-SNR weighting).
+- ``--generator JSON``: ``GeneratorConfig`` overrides, e.g. ``'{"snr_gamma": 5}'`` (Min-SNR weighting), or
+  ``'{"latent_normalization": "channel"}'``: the shipped autoencoder then gets each latent channel centred and
+  scaled (``normalize_latent_channels``) before the UNet trains on it.
 
     python benchmarks/generator_pilot.py --separate-text 300 --out runs/pilot-separated
     python benchmarks/generator_pilot.py --generator '{"snr_gamma": 5}' --out runs/pilot-minsnr
@@ -31,7 +33,7 @@ import embedded_diagnostics as diag  # benchmarks/ is on sys.path when a script 
 from genaug.artefacts import read_dataset
 from genaug.models.embedded import EMBEDDED_ROOT
 from genaug.pretrain.data import load_split
-from genaug.pretrain.diffusion import GeneratorConfig, train_generator
+from genaug.pretrain.diffusion import GeneratorConfig, normalize_latent_channels, train_generator
 
 
 def main() -> None:
@@ -61,9 +63,12 @@ def main() -> None:
 
     # The shipped autoencoder, not a new one: the UNet is the only thing that changes.
     cfg = GeneratorConfig(unet_steps=args.unet_steps, warmup_steps=args.warmup_steps, **overrides)
+    vae = copy.deepcopy(pipe.vae)
+    if cfg.latent_normalization == "channel":  # as train_vae would have left it
+        normalize_latent_channels(vae, pool.images[:4096])
     result = train_generator(cfg, pool.subset(range(len(pool) - args.holdout)), pipe.text_encoder,
                              pipe.image_encoder, pipe.tokenizer, pipe.feature_extractor, out / "work",
-                             progress=False, vae=copy.deepcopy(pipe.vae))
+                             progress=False, vae=vae)
     report["unet_seconds"] = result.unet_seconds
     generator = result.pipeline
     generator.set_progress_bar_config(disable=True)

@@ -12,7 +12,8 @@ TINY = dict(
     clip={"steps": 3, "batch_size": 16, "vision_width": 32, "text_width": 32, "vision_layers": 1, "text_layers": 1,
           "projection_dim": 16, "warmup_steps": 1},
     generator={"vae_steps": 2, "vae_batch_size": 8, "unet_steps": 3, "unet_batch_size": 8, "unet_channels": [32, 32],
-               "vae_channels": [16, 16], "warmup_steps": 1, "checkpoint_every": 2},
+               "vae_channels": [16, 16], "warmup_steps": 1, "checkpoint_every": 2,
+               "latent_normalization": "channel"},  # as configs/pretrain_embedded.yaml
     oracle={"epochs": 1, "batch_size": 16, "arch": "genaug_cnn_tiny"},
     holdout=20, eval_images_per_class=1, eval_steps=2, progress=False,
 )
@@ -51,6 +52,8 @@ def test_pretrain_tiny_family_end_to_end(tiny_world, tmp_path):
     assert generator_record["attention"] == "eager"  # `attention: auto` on the CPU
     assert f"| training precision | {generator_record['precision']} |" in \
         (out / "generator" / "MODEL_CARD.md").read_text()
+    assert pipe.vae.config.scaling_factor == 1.0  # channel-normalized latents need no scaling
+    assert "| latents | each channel centred" in (out / "generator" / "MODEL_CARD.md").read_text()
     # The shipped UNet keeps diffusers' default processors; eager attention was for training only.
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
 
@@ -125,3 +128,58 @@ def test_min_snr_loss_weights_each_item_by_min_snr_gamma_over_snr():
     assert torch.allclose(diffusion_loss(pred, noise, t, scheduler, snr_gamma=5.0), expected, rtol=1e-5)
     with pytest.raises(ValueError, match="snr_gamma must be positive"):
         GeneratorConfig(snr_gamma=0)
+
+
+def test_channel_normalization_centres_the_latents_and_keeps_the_autoencoder():
+    # Baked into quant_conv / post_quant_conv: same reconstructions, latents with mean 0 and std 1 per channel.
+    import copy
+
+    import torch
+
+    from genaug.pretrain.data import to_unit
+    from genaug.pretrain.diffusion import GeneratorConfig, build_vae, encode_latents, normalize_latent_channels
+
+    torch.manual_seed(0)
+    vae = build_vae(GeneratorConfig(vae_channels=[8, 8]), 16).eval()
+    with torch.no_grad():  # an off-centre latent space, as a trained one has
+        vae.quant_conv.bias[:4] += torch.tensor([-1.5, 0.5, 2.0, -0.3])
+        vae.quant_conv.weight[:4] *= torch.tensor([0.3, 2.0, 1.0, 0.5])[:, None, None, None]
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    before = copy.deepcopy(vae)
+    normalize_latent_channels(vae, images)
+    assert vae.config.scaling_factor == 1.0
+    latents = encode_latents(vae, images)
+    assert torch.allclose(latents.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(latents.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
+    x = to_unit(images[:8])
+    with torch.no_grad():
+        old, new = before.encode(x).latent_dist, vae.encode(x).latent_dist
+        assert torch.allclose(before.decode(old.mean).sample, vae.decode(new.mean).sample, atol=1e-5)
+        # The posterior's spread is scaled with its mean: a sample maps to the same decoded image.
+        ratio = (new.std / old.std).mean(dim=(0, 2, 3))
+        std = encode_latents(before, images, scaling=1.0).std(dim=(0, 2, 3))
+        assert torch.allclose(ratio, 1 / std, rtol=1e-4)
+    with pytest.raises(ValueError, match="latent_normalization must be one of"):
+        GeneratorConfig(latent_normalization="batch")
+
+
+def test_zero_terminal_snr_schedules_end_in_pure_noise_and_sample_from_the_last_step():
+    import torch
+
+    from genaug.pretrain.diffusion import GeneratorConfig, diffusion_loss, noise_schedulers
+
+    cfg = GeneratorConfig(prediction_type="v_prediction", zero_terminal_snr=True)
+    train, sample, _ = noise_schedulers(cfg)
+    assert train.alphas_cumprod[-1] < 1e-6 and train.config.prediction_type == "v_prediction"
+    sample.set_timesteps(25)
+    assert int(sample.timesteps[0]) == 999 and sample.config.prediction_type == "v_prediction"
+    default_train, default_sample, _ = noise_schedulers()
+    default_sample.set_timesteps(25)
+    assert default_train.alphas_cumprod[-1] > 1e-3 and int(default_sample.timesteps[0]) == 961  # SD's, unchanged
+    # Min-SNR in its velocity form stays finite where the SNR is 0.
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    loss = diffusion_loss(pred, target, torch.tensor([10, 999]), train, snr_gamma=5.0)
+    assert torch.isfinite(loss) and loss > 0
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        GeneratorConfig(prediction_type="sample")

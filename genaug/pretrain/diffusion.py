@@ -1,7 +1,8 @@
 """The embedded generator: a tiny latent diffusion model with SD 2.1-unCLIP's layout.
 
 * a small ``AutoencoderKL`` (one downsampling: 32 px -> 16x16x4 latents), trained for
-  reconstruction with a light KL term;
+  reconstruction with a light KL term, then (``latent_normalization: channel``) rewritten so that
+  each latent channel is centred with unit variance;
 * a ``UNet2DConditionModel`` with text cross-attention (the frozen text tower of the embedded
   dual encoder, as SD uses CLIP's) and unCLIP-style image conditioning through its class
   embedding (``class_embed_type="projection"``: the noise-augmented CLIP image embedding
@@ -33,6 +34,10 @@ from .clip import ATTENTION_CHOICES, autocast_precision, bf16_autocast, training
 from .data import ImageSplit, clip_normalize, to_unit
 
 
+LATENT_NORMALIZATIONS = ("global", "channel")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass
 class GeneratorConfig:
     """Architecture and training schedule of the embedded diffusion model."""
@@ -50,6 +55,14 @@ class GeneratorConfig:
     unet_lr: float = option(5e-4, "UNet peak learning rate (warmup, then cosine)")
     warmup_steps: int = option(500, "learning-rate warmup steps")
     ema_decay: float = option(0.999, "EMA decay of the shipped UNet weights")
+    latent_normalization: str = option("global", "how the autoencoder's latents are scaled for the UNet: global (SD's "
+                                                  "one scaling_factor, as the shipped generator was trained) or channel "
+                                                  "(each latent channel centred and scaled to unit variance, baked into "
+                                                  "the VAE's quant convolutions so stock pipelines load it unchanged)")
+    prediction_type: str = option("epsilon", "what the UNet predicts: epsilon or v_prediction (SD 2.x's)")
+    zero_terminal_snr: bool = option(False, "rescale the betas so that the last timestep is pure noise (Lin et al. "
+                                            "2024), with trailing timestep spacing at sampling; pair with "
+                                            "v_prediction")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, "
                                            "5 recommended): caps the weight of low-noise timesteps so that the "
                                            "high-noise ones, where layout and shape are decided, get more of "
@@ -79,6 +92,11 @@ class GeneratorConfig:
             raise ValueError("ema_decay must be in (0, 1)")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise ValueError(f"snr_gamma must be positive (or null for plain MSE), got {self.snr_gamma}")
+        if self.latent_normalization not in LATENT_NORMALIZATIONS:
+            raise ValueError(f"latent_normalization must be one of {', '.join(LATENT_NORMALIZATIONS)}, "
+                             f"got {self.latent_normalization!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
 
@@ -126,9 +144,39 @@ def train_vae(cfg: GeneratorConfig, pool: ImageSplit, progress: bool = True, dev
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
-    latents = encode_latents(vae, pool.images[: min(4096, len(pool))], scaling=1.0)
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    sample = pool.images[: min(4096, len(pool))]
+    if cfg.latent_normalization == "channel":
+        normalize_latent_channels(vae, sample)
+    else:
+        latents = encode_latents(vae, sample, scaling=1.0)
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae
+
+
+@torch.no_grad()
+def normalize_latent_channels(vae, images_uint8: torch.Tensor) -> None:
+    """Centre each latent channel and scale it to unit variance, inside the VAE's 1x1 quant convolutions.
+
+    SD's single ``scaling_factor`` leaves each channel's mean in place (here up to -1.1 with std 0.5):
+    the UNet must then produce those offsets from pure noise at the high-noise steps, where global colour
+    is decided, and small errors there tint every image. SD3 and FLUX keep a ``shift_factor`` for this,
+    which the SD/unCLIP pipelines do not read; rewriting ``quant_conv`` (mean and log-variance) and
+    ``post_quant_conv`` instead gives the same autoencoder with normalized latents, loadable by any
+    pipeline, with ``scaling_factor`` 1.
+    """
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("normalize_latent_channels needs an AutoencoderKL with quant_conv and post_quant_conv")
+    latents = encode_latents(vae, images_uint8, scaling=1.0)
+    mean = latents.mean(dim=(0, 2, 3)).to(vae.quant_conv.weight)
+    std = latents.std(dim=(0, 2, 3)).clamp_min(1e-6).to(vae.quant_conv.weight)
+    c = mean.numel()
+    q, p = vae.quant_conv, vae.post_quant_conv
+    q.weight[:c] /= std[:, None, None, None]
+    q.bias[:c] = (q.bias[:c] - mean) / std
+    q.bias[c:] -= 2 * std.log()  # log-variance of the scaled posterior
+    p.bias += p.weight[:, :, 0, 0] @ mean  # before the weight is rescaled: W (std z + mean) + b
+    p.weight *= std[None, :, None, None]
+    vae.register_to_config(scaling_factor=1.0)
 
 
 @torch.no_grad()
@@ -184,13 +232,18 @@ def build_unet(cfg: GeneratorConfig, latent_size: int, text_dim: int, image_embe
     )
 
 
-def noise_schedulers():
+def noise_schedulers(cfg: GeneratorConfig | None = None):
+    """Training (DDPM), sampling (DDIM) and image-embedding noising schedulers, SD's betas by default."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    train = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                          prediction_type="epsilon", clip_sample=False)
-    sample = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                           set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    prediction = cfg.prediction_type if cfg is not None else "epsilon"
+    zero_snr = bool(cfg is not None and cfg.zero_terminal_snr)
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 clip_sample=False, prediction_type=prediction, rescale_betas_zero_snr=zero_snr)
+    train = DDPMScheduler(**betas)
+    # Lin et al.: with zero terminal SNR, sampling must start at the last timestep (trailing spacing).
+    spacing = dict(timestep_spacing="trailing") if zero_snr else dict(steps_offset=1)
+    sample = DDIMScheduler(**betas, set_alpha_to_one=False, **spacing)
     image_noising = DDPMScheduler(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000)
     return train, sample, image_noising
 
@@ -208,16 +261,19 @@ def image_condition(image_embeds: torch.Tensor, noise_levels: torch.Tensor, norm
     return torch.cat([x, level.to(x.dtype)], dim=1)
 
 
-def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
                    snr_gamma: float | None = None) -> torch.Tensor:
-    """Epsilon-prediction MSE, optionally Min-SNR-gamma weighted as in diffusers' training scripts."""
+    """MSE to the scheduler's target (noise or velocity), optionally Min-SNR-gamma weighted as in diffusers'
+    training scripts."""
     if snr_gamma is None:
-        return F.mse_loss(pred, noise)
+        return F.mse_loss(pred, target)
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma) / snr  # min(SNR, gamma) / SNR: epsilon-target form
-    per_item = F.mse_loss(pred, noise, reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    capped = torch.clamp(snr, max=snr_gamma)
+    # min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for velocity (finite at zero terminal SNR).
+    weights = capped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else capped / snr
+    per_item = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.dim())))
     return (per_item * weights).mean()
 
 
@@ -268,7 +324,7 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
     with torch.no_grad():
         normalizer.mean.copy_(image_embeds.mean(0, keepdim=True))
         normalizer.std.copy_(image_embeds.std(0, keepdim=True))
-    train_sched, sample_sched, image_noising = noise_schedulers()
+    train_sched, sample_sched, image_noising = noise_schedulers(cfg)
 
     # 3. UNet + EMA.
     torch.manual_seed(cfg.seed)
@@ -321,7 +377,8 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
         with bf16_autocast(cfg.bf16, device):
             pred = unet(xt.to(device), t.to(device), encoder_hidden_states=text.to(device),
                         class_labels=labels.to(device)).sample
-        loss = diffusion_loss(pred.float(), noise.to(device), t.to(device), train_sched, cfg.snr_gamma)
+        target = noise if cfg.prediction_type == "epsilon" else train_sched.get_velocity(x0, noise, t)
+        loss = diffusion_loss(pred.float(), target.to(device), t.to(device), train_sched, cfg.snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

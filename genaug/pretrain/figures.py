@@ -187,9 +187,9 @@ def _training_seconds(out: Path) -> dict[str, float]:
     return seconds
 
 
-def _recorded_precision(record: Path, *keys: str) -> str:
-    """The precision a model trained at, from its record (written since 2026-12-02: `bf16` autocast
-    runs only where the hardware computes bf16 natively, so it depends on the machine)."""
+def _recorded_string(record: Path, *keys: str) -> str:
+    """A string from a model's JSON record, or "not recorded": e.g. the precision it trained at (recorded since
+    2026-12-02: `bf16` autocast runs only where the hardware computes bf16 natively, so it depends on the machine)."""
     value: Any = json.loads(record.read_text()) if record.is_file() else {}
     for key in keys:
         value = value.get(key, {}) if isinstance(value, dict) else {}
@@ -203,9 +203,12 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
     from ..config import config_to_dict
 
     d, g, o = figures.get("dual_encoder", {}), figures.get("generator", {}), figures.get("oracle", {})
-    clip_precision = _recorded_precision(out / "clip" / "genaug_dual_encoder.json", "result", "precision")
-    oracle_precision = _recorded_precision(out / "oracle" / "config.json", "precision")
-    generator_precision = _recorded_precision(out / "generator" / "genaug_generator.json", "precision")
+    clip_precision = _recorded_string(out / "clip" / "genaug_dual_encoder.json", "result", "precision")
+    oracle_precision = _recorded_string(out / "oracle" / "config.json", "precision")
+    generator_precision = _recorded_string(out / "generator" / "genaug_generator.json", "precision")
+    normalization = _recorded_string(out / "generator" / "genaug_generator.json", "config", "latent_normalization")
+    latent_space = ("each channel centred, unit variance (in the VAE's quant convolutions); scaling_factor 1"
+                    if normalization == "channel" else "SD's single scaling_factor")
     secs = figures.get("training_seconds", {})
     device = figures.get("device", "cpu")
     common = (f"Trained by genaug on the procedural world in `{cfg.world}` (made by `genaug world`), seed "
@@ -242,7 +245,8 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
             f"{g.get('kid_real_val_vs_test')} |\n"
             f"| guidance, steps | {g.get('guidance_scale')}, {g.get('steps')} |\n"
             f"| training seconds (VAE, UNet) | {secs.get('generator_vae')}, {secs.get('generator_unet')} |\n"
-            f"| training precision | {generator_precision} |\n\n"
+            f"| training precision | {generator_precision} |\n"
+            f"| latents | {latent_space} |\n\n"
             "Per-class samples: `../samples/`.\n"),
         out / "oracle" / "MODEL_CARD.md": (
             "# genaug embedded oracle classifier\n\n" + common +

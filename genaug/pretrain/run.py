@@ -79,7 +79,9 @@ class PretrainConfig:
     def oracle_config(self):
         from .oracle import OracleConfig
 
-        return config_from_dict(OracleConfig, {"seed": self.seed, **self.oracle}, source="pretrain config: oracle")
+        # The oracle has its own progress bar; --no-progress turns it off too unless `oracle:` says otherwise.
+        return config_from_dict(OracleConfig, {"seed": self.seed, "progress": self.progress, **self.oracle},
+                                source="pretrain config: oracle")
 
 
 @dataclass
