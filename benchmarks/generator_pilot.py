@@ -7,9 +7,10 @@ towers, so the shipped generator is the control. One change at a time:
 - ``--separate-text STEPS``: first train the text tower alone to name each caption's shape and pattern
   (``embedded_diagnostics.text_attribute_pretraining``), then freeze it: does a UNet that gets the
   shape and pattern words apart from its first step learn to draw them?
-- ``--generator JSON``: ``GeneratorConfig`` overrides, e.g. ``'{"snr_gamma": 5}'`` (Min-SNR weighting), or
-  ``'{"latent_normalization": "channel"}'``: the shipped autoencoder then gets each latent channel centred and
-  scaled (``normalize_latent_channels``) before the UNet trains on it.
+- ``--generator JSON``: ``GeneratorConfig`` overrides, e.g. ``'{"snr_gamma": 5}'`` (Min-SNR weighting) or
+  ``'{"prediction_type": "v_prediction", "zero_terminal_snr": true}'``. With ``latent_normalization: channel``
+  (the default) the autoencoder's latent channels are centred and scaled first (``normalize_latent_channels``;
+  the first shipped family's autoencoder needed it, the second's already is).
 
     python benchmarks/generator_pilot.py --separate-text 300 --out runs/pilot-separated
     python benchmarks/generator_pilot.py --generator '{"snr_gamma": 5}' --out runs/pilot-minsnr

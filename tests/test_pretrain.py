@@ -13,7 +13,7 @@ TINY = dict(
           "projection_dim": 16, "warmup_steps": 1},
     generator={"vae_steps": 2, "vae_batch_size": 8, "unet_steps": 3, "unet_batch_size": 8, "unet_channels": [32, 32],
                "vae_channels": [16, 16], "warmup_steps": 1, "checkpoint_every": 2,
-               "latent_normalization": "channel"},  # as configs/pretrain_embedded.yaml
+               "latent_normalization": "channel"},  # the default, as in configs/pretrain_embedded.yaml
     oracle={"epochs": 1, "batch_size": 16, "arch": "genaug_cnn_tiny"},
     holdout=20, eval_images_per_class=1, eval_steps=2, progress=False,
 )
@@ -80,10 +80,12 @@ def test_autoencoder_trains_at_any_step_count():
 
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     pool = ImageSplit(images, torch.zeros(8, dtype=torch.long), [""] * 8, ["a"], [{}] * 8)
-    for steps in (1, 20):
-        cfg = GeneratorConfig(vae_steps=steps, vae_batch_size=2, vae_channels=[8, 8])
+    for steps, normalization in ((1, "global"), (20, "global"), (20, "channel")):
+        cfg = GeneratorConfig(vae_steps=steps, vae_batch_size=2, vae_channels=[8, 8],
+                              latent_normalization=normalization)
         vae = train_vae(cfg, pool, progress=False)
         assert torch.isfinite(torch.tensor(vae.config.scaling_factor))
+        assert (vae.config.scaling_factor == 1.0) == (normalization == "channel")
 
 
 def test_unet_eager_attention_computes_what_sdpa_does():

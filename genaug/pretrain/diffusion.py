@@ -1,8 +1,8 @@
 """The embedded generator: a tiny latent diffusion model with SD 2.1-unCLIP's layout.
 
 * a small ``AutoencoderKL`` (one downsampling: 32 px -> 16x16x4 latents), trained for
-  reconstruction with a light KL term, then (``latent_normalization: channel``) rewritten so that
-  each latent channel is centred with unit variance;
+  reconstruction with a light KL term, then rewritten so that each latent channel is centred with
+  unit variance (``latent_normalization``);
 * a ``UNet2DConditionModel`` with text cross-attention (the frozen text tower of the embedded
   dual encoder, as SD uses CLIP's) and unCLIP-style image conditioning through its class
   embedding (``class_embed_type="projection"``: the noise-augmented CLIP image embedding
@@ -55,10 +55,10 @@ class GeneratorConfig:
     unet_lr: float = option(5e-4, "UNet peak learning rate (warmup, then cosine)")
     warmup_steps: int = option(500, "learning-rate warmup steps")
     ema_decay: float = option(0.999, "EMA decay of the shipped UNet weights")
-    latent_normalization: str = option("global", "how the autoencoder's latents are scaled for the UNet: global (SD's "
-                                                  "one scaling_factor, as the shipped generator was trained) or channel "
-                                                  "(each latent channel centred and scaled to unit variance, baked into "
-                                                  "the VAE's quant convolutions so stock pipelines load it unchanged)")
+    latent_normalization: str = option(
+        "channel", "how the autoencoder's latents are scaled for the UNet: channel (each latent channel centred and "
+                   "scaled to unit variance, baked into the VAE's quant convolutions so stock pipelines load it "
+                   "unchanged) or global (SD's one scaling_factor, as the first shipped family was trained)")
     prediction_type: str = option("epsilon", "what the UNet predicts: epsilon or v_prediction (SD 2.x's)")
     zero_terminal_snr: bool = option(False, "rescale the betas so that the last timestep is pure noise (Lin et al. "
                                             "2024), with trailing timestep spacing at sampling; pair with "
@@ -96,7 +96,8 @@ class GeneratorConfig:
             raise ValueError(f"latent_normalization must be one of {', '.join(LATENT_NORMALIZATIONS)}, "
                              f"got {self.latent_normalization!r}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                             f"got {self.prediction_type!r}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
 
