@@ -33,6 +33,10 @@
     # masked diffusion loss (Break-A-Scene), the world's object masks as given masks:
     python benchmarks/personalization_embedded.py --world worlds/default --out runs/personalization-locon-masked \
         --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-masks
+    # each reference also cut out by its mask and pasted on 8 of 64 rendered scenes (sand, water, wall, noise; not the
+    # evaluation's grass or sky), as BLIP-Diffusion composes subjects onto random backgrounds:
+    python benchmarks/personalization_embedded.py --world worlds/default --out runs/locon-2400-backgrounds \
+        --methods lora --lora-targets all --lora-rank 16 --lora-steps 2400 --lora-backgrounds 64
 """
 
 from __future__ import annotations
@@ -54,6 +58,56 @@ def identified_caption(caption: str, name: str) -> str:
     words = caption.split()
     words[words.index(shape)] = f"sks {name}"
     return " ".join(words)
+
+
+def real_context_clip_t(world: Path, name: str, contexts: list[str]) -> dict:
+    """CLIP-T of the test split's real images of ``name`` on each context's background, against that context's
+    prompt: what a perfect adapter would score under the same judge (the dual encoder never saw the novel concepts,
+    so this can fall below the base model's wrong samples)."""
+    import numpy as np
+    import torch
+
+    from genaug.artefacts import read_dataset
+    from genaug.evaluate.metrics import clip_image_features, clip_text_features
+    from genaug.models.embedded import resolve_model
+    from genaug.pretrain.clip import load_dual_encoder
+
+    test = read_dataset(world / "bench", "test")
+    clip_model, tokenizer = load_dual_encoder(resolve_model("embedded:clip"))
+    scores = {}
+    for context in contexts:
+        kind = {"on grass": "grass", "in the sky": "sky"}[context.split("{}")[-1].strip()]
+        rows = [i for i, r in enumerate(test.records) if r["class_name"] == name and r["background"] == kind]
+        images = torch.from_numpy(np.stack([np.asarray(test.image(i)) for i in rows])).permute(0, 3, 1, 2)
+        text = clip_text_features(clip_model, tokenizer, [context.format(name)])
+        clip_t = float((clip_image_features(clip_model, images) @ text.T).mean())
+        scores[context.format(name)] = {"clip_t": round(clip_t, 4), "images": len(rows)}
+    return {"per_prompt": scores, "mean": round(sum(v["clip_t"] for v in scores.values()) / len(scores), 4)}
+
+
+def write_backgrounds(folder: Path, count: int, kinds: list[str], size: int) -> Path:
+    """``count`` scenes without objects from the world's own renderer, kinds in turn, each captioned with one of the
+    world's phrases for its kind: what a user's folder of background photos would be."""
+    import numpy as np
+    from PIL import Image
+
+    from genaug.artefacts import DatasetWriter
+    from genaug.world.render import BACKGROUND_PHRASES, render_background
+
+    unknown = sorted(set(kinds) - set(BACKGROUND_PHRASES))
+    if unknown:
+        raise SystemExit(f"unknown background kinds {unknown}; the world has {sorted(BACKGROUND_PHRASES)}")
+    rng = np.random.default_rng(0)
+    with DatasetWriter(folder, ["background"]) as writer:
+        for i in range(count):
+            kind = kinds[i % len(kinds)]
+            tint = tuple(float(t) for t in rng.uniform(-18, 18, 3))
+            scene = render_background(kind, size, tint, int(rng.integers(2 ** 31)))
+            phrase = str(rng.choice(BACKGROUND_PHRASES[kind]))
+            if f"bg-{i}" not in writer.done_ids:
+                image = Image.fromarray(np.clip(scene, 0, 255).round().astype(np.uint8))
+                writer.add(f"bg-{i}", image, 0, caption=phrase, background=kind)
+    return folder
 
 
 def main() -> None:
@@ -84,6 +138,16 @@ def main() -> None:
                         help="masked diffusion loss (Break-A-Scene): the world's object masks as the given masks")
     parser.add_argument("--lora-mask-background", type=float, default=0.0,
                         help="with --lora-masks: weight holding the background to the base model's prediction")
+    parser.add_argument("--lora-backgrounds", type=int, default=0,
+                        help="render this many scenes without objects and train each reference, cut out by the "
+                             "world's object mask, on --lora-backgrounds-per-image of them as well (train-lora "
+                             "--background-data); the scene kinds are --lora-background-kinds")
+    parser.add_argument("--lora-background-kinds", default="sand,water,wall,noise",
+                        help="scene kinds to render: by default not grass or sky, the contexts the evaluation asks "
+                             "for, so that those stay new to the adapter")
+    parser.add_argument("--lora-backgrounds-per-image", type=int, default=8)
+    parser.add_argument("--lora-background-captions", action="store_true",
+                        help="append the scene's words (\"on sand\") to the composites' prompt")
     parser.add_argument("--lora-scales", default="1",
                         help="comma-separated LoRA scales to sample each adapter at (eval-personalization "
                              "--adapter-weights); scale 1 is reported as lora, others as lora@<scale>")
@@ -123,6 +187,10 @@ def main() -> None:
             for i in sorted(random.Random(0).sample(range(len(pool)), args.lora_prior_pool)):
                 if pool.records[i]["id"] not in writer.done_ids:
                     writer.add(pool.records[i]["id"], pool.image(i), 0, caption=pool.records[i]["caption"])
+    backgrounds = None
+    if args.lora_backgrounds:
+        backgrounds = write_backgrounds(out / "backgrounds", args.lora_backgrounds,
+                                        args.lora_background_kinds.split(","), info["image_size"])
     for name in args.classes or novel:
         label = bench.class_names.index(name)
         rows = [i for i, r in enumerate(bench.records) if int(r["label"]) == label][: args.shots]
@@ -134,7 +202,7 @@ def main() -> None:
                     writer.add(f"ref-{i}", bench.image(i), 0, **({"caption": caption} if caption else {}))
         slug = name.replace(" ", "-")
         masks = None
-        if args.lora_masks:  # the main object's visible pixels, as a user's segmentation would give them
+        if args.lora_masks or backgrounds:  # the main object's visible pixels, as a user's segmentation would give them
             ids = [bench.records[i]["id"] for i in rows]
             object_masks = world_object_masks(world, "bench/train", ids)
             masks = write_masks(out / "masks" / slug, {f"mask-{i}": object_masks[i][0] for i in ids})
@@ -154,6 +222,9 @@ def main() -> None:
                                        rank=args.lora_rank, unet_targets=args.lora_targets, train_batch_size=4,
                                        use_dora=args.lora_dora, instance_mask_data=str(masks) if masks else None,
                                        mask_background_weight=args.lora_mask_background,
+                                       background_data=str(backgrounds) if backgrounds else None,
+                                       background_caption_column="caption" if args.lora_background_captions
+                                       else None, backgrounds_per_image=args.lora_backgrounds_per_image,
                                        with_prior_preservation=args.lora_prior or prior_pool is not None,
                                        caption_column="caption" if args.lora_captions else None,
                                        class_prompt=args.lora_class_prompt.format(name),
@@ -195,6 +266,7 @@ def main() -> None:
                 trained.append(("pivotal" + (f"+delay{start:g}" if start else ""), folder, f"<{slug}>", seconds,
                                 1.0, start))
         contexts = ["a photo of a {} on grass", "a photo of a {} in the sky"]
+        results.setdefault("real", {})[name] = real_context_clip_t(world, name, contexts)
         for kind, adapter, words, seconds, scale, start in trained:
             prompts = [f"a photo of a {words}"] + [c.format(words) for c in contexts]
             report = evaluate_personalization(EvalPersonalizationConfig(
@@ -248,12 +320,14 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     for kind in [k for k in results if k.startswith(("lora", "pivotal"))] + ["ti"]:
         if results[kind]:
-            print(f"\n{kind}: concept | oracle acc. (base) | CLIP-T of base, new-context prompts | all prompts")
+            print(f"\n{kind}: concept | oracle acc. (base) | CLIP-T of base, new-context prompts | all prompts | "
+                  "real images of the concept in those contexts, of base")
         for name, r in results[kind].items():
             ratio_all = r["adapted"]["clip_t"] / r["base"]["clip_t"]
-            context = r.get("new_context_clip_t", {}).get("ratio", float("nan"))
+            context = r.get("new_context_clip_t", {})
+            real = results.get("real", {}).get(name, {}).get("mean", float("nan")) / context.get("base", float("nan"))
             print(f"{name} | {r['adapted']['oracle_accuracy']:.3f} ({r['base']['oracle_accuracy']:.3f}) | "
-                  f"{context:.2f} | {ratio_all:.2f}")
+                  f"{context.get('ratio', float('nan')):.2f} | {ratio_all:.2f} | {real:.2f}")
 
 
 if __name__ == "__main__":

@@ -277,3 +277,70 @@ def test_class_caption_column_regularizes_on_captioned_images(kit, shape_images,
                         **{**common, "num_class_images": 6}))
     with pytest.raises(ValueError, match="needs with_prior_preservation and class_data"):
         _cfg(kit, shape_images, tmp_path / "x", class_caption_column="caption", with_prior_preservation=True)
+
+
+def test_composites_keep_the_concept_and_take_the_scene_from_the_backgrounds():
+    from genaug.personalize.lora import composite_on_backgrounds
+
+    g = torch.Generator().manual_seed(0)
+    instance, backgrounds = torch.rand(2, 3, 8, 8, generator=g), torch.rand(5, 3, 8, 8, generator=g)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, 2:6, 1:5] = 1
+    composites, picks = composite_on_backgrounds(instance, masks, backgrounds, 3, seed=0)
+    assert composites.shape == (6, 3, 8, 8) and picks.shape == (6,)
+    for j in range(6):
+        inside = masks[j // 3].bool().expand(3, -1, -1)
+        assert torch.equal(composites[j][inside], instance[j // 3][inside])
+        assert torch.equal(composites[j][~inside], backgrounds[picks[j]][~inside])
+    assert all(len(set(picks[i * 3:(i + 1) * 3].tolist())) == 3 for i in range(2))  # distinct while there are enough
+    again, same_picks = composite_on_backgrounds(instance, masks, backgrounds, 3, seed=0)
+    assert torch.equal(again, composites) and torch.equal(same_picks, picks)
+    _, more = composite_on_backgrounds(instance, masks, backgrounds, 7, seed=0)  # more than there are: repeats
+    assert more.shape == (14,) and int(more.max()) < 5
+
+
+def _backgrounds(folder, colours, phrases):
+    from PIL import Image
+
+    from genaug.artefacts import DatasetWriter
+
+    with DatasetWriter(folder, ["background"]) as writer:
+        for i, (colour, phrase) in enumerate(zip(colours, phrases)):
+            writer.add(f"bg-{i}", Image.new("RGB", (32, 32), colour), 0, caption=phrase)
+    return folder
+
+
+def test_background_data_trains_on_composites_named_by_their_scenes(kit, shape_images, tmp_path):
+    from genaug.errors import DataError
+    from genaug.personalize.lora import _add_composites, _load_images, load_masks
+
+    part = _write_masks(tmp_path / "part", [(4, 4, 20, 20)] * 4)
+    scenes = _backgrounds(tmp_path / "scenes", [(200, 180, 120), (40, 90, 170), (90, 90, 90)],
+                          ["on sand", "on water", "against a wall"])
+    cfg = _cfg(kit, shape_images, tmp_path / "bg", instance_mask_data=str(part), background_data=str(scenes),
+               background_caption_column="caption", backgrounds_per_image=2, max_train_steps=4)
+    instance, masks = _load_images(str(shape_images), None, 32, "i"), load_masks(str(part), 32, "m")
+    pixels, prompts = _add_composites(cfg, instance, [cfg.instance_prompt] * 4, masks, 32)
+    assert pixels.shape[0] == 4 * 3 and torch.equal(pixels[:4], instance)  # the originals, then 2 composites each
+    assert prompts[:4] == [cfg.instance_prompt] * 4
+    head = cfg.instance_prompt + " "
+    assert all(p.startswith(head) and p[len(head):] in ("on sand", "on water", "against a wall") for p in prompts[4:])
+    with_scenes = train_lora(cfg)
+    masked = train_lora(_cfg(kit, shape_images, tmp_path / "masked", instance_mask_data=str(part), max_train_steps=4))
+    a, _ = read_safetensors(with_scenes.weights)
+    b, _ = read_safetensors(masked.weights)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
+    assert read_adapter_config(tmp_path / "bg")["config"]["background_data"] == str(scenes)
+
+    with pytest.raises(ValueError, match="background_data needs instance_mask_data"):
+        _cfg(kit, shape_images, tmp_path / "x", background_data=str(scenes))
+    with pytest.raises(ValueError, match="drop mask_background_weight"):
+        _cfg(kit, shape_images, tmp_path / "x", instance_mask_data=str(part), background_data=str(scenes),
+             mask_background_weight=1.0)
+    with pytest.raises(DataError, match="background folder not found"):
+        train_lora(_cfg(kit, shape_images, tmp_path / "o1", instance_mask_data=str(part),
+                        background_data=str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match="no 'scene' caption"):
+        train_lora(_cfg(kit, shape_images, tmp_path / "o2", instance_mask_data=str(part), background_data=str(scenes),
+                        background_caption_column="scene"))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused before writing anything

@@ -60,11 +60,20 @@ class LoraTrainConfig:
     instance_mask_data: str | None = option(
         None, "optional concept masks, one per instance image in the same order (white = concept): the "
               "diffusion loss then covers only the concept, as in Break-A-Scene, so the backgrounds of the few "
-              "training images are not learned")
+              "training images are not learned (with background_data they cut the concept out instead)")
     mask_background_weight: float = option(
         0.0, "with instance masks: weight of a term that holds the adapted UNet's prediction outside the mask to "
              "the base model's (adapter off) on the same input, so the adapter learns the concept without "
              "repainting the backgrounds; 0 leaves the background out of the loss")
+    background_data: str | None = option(
+        None, "with instance masks: a folder of scene images (no concept in them). Each instance image's concept is "
+              "cut out by its mask and pasted onto backgrounds_per_image of them, drawn at random, as BLIP-Diffusion "
+              "composes its subjects onto random backgrounds: the identifier then meets many scenes, not the few "
+              "training images' own. The loss covers the whole frame, and the originals are kept")
+    background_caption_column: str | None = option(
+        None, "metadata column of background_data naming each scene (\"on sand\"): appended to the instance "
+              "prompt of that scene's composites, so scene words train beside the identifier")
+    backgrounds_per_image: int = option(8, "composites per instance image, with background_data")
     output: str = option("adapters/lora", "adapter folder to write")
     with_prior_preservation: bool = option(False, "add the prior-preservation loss on class images")
     class_prompt: str = option("a photo of an object", "prompt for the class images (prior preservation)")
@@ -121,6 +130,14 @@ class LoraTrainConfig:
         if self.mask_background_weight and self.train_text_encoder:
             # The base prediction would need the text encoder without its LoRA as well: one more forward per step.
             raise ValueError("mask_background_weight works with a frozen text encoder: turn off train_text_encoder")
+        if self.background_data and not self.instance_mask_data:
+            raise ValueError("background_data needs instance_mask_data (the masks cut the concept out)")
+        if self.background_data and self.mask_background_weight:
+            raise ValueError("background_data trains on the whole frame: drop mask_background_weight")
+        if self.background_caption_column and not self.background_data:
+            raise ValueError("background_caption_column needs background_data")
+        if self.backgrounds_per_image < 1:
+            raise ValueError("backgrounds_per_image must be >= 1")
         if self.class_caption_column and not (self.with_prior_preservation and self.class_data):
             raise ValueError("class_caption_column needs with_prior_preservation and class_data (captioned images)")
         if self.use_dora and (self.kohya_export or self.train_text_encoder):
@@ -190,6 +207,35 @@ def load_masks(folder: str, size: int, where: str, class_name: str | None = None
     masks = [torch.from_numpy(np.asarray(ds.image(i).convert("L").resize((size, size), resample=2),
                                          dtype=np.float32) / 255.0) for i in indices]
     return (torch.stack(masks)[:, None] > 0.5).float()
+
+
+def composite_on_backgrounds(instance: torch.Tensor, masks: torch.Tensor, backgrounds: torch.Tensor, per_image: int,
+                             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each instance image's masked concept pasted onto ``per_image`` backgrounds (distinct while there are enough):
+    ``(composites, background index of each)``, image by image."""
+    g = torch.Generator().manual_seed(seed)
+    if per_image <= len(backgrounds):
+        picks = torch.stack([torch.randperm(len(backgrounds), generator=g)[:per_image] for _ in instance])
+    else:
+        picks = torch.randint(0, len(backgrounds), (len(instance), per_image), generator=g)
+    inside = masks[:, None]  # (N, 1, 1, H, W) against (N, K, 3, H, W) scenes
+    composites = inside * instance[:, None] + (1 - inside) * backgrounds[picks]
+    return composites.flatten(0, 1), picks.flatten()
+
+
+def _add_composites(cfg: LoraTrainConfig, instance: torch.Tensor, captions: list[str], masks: torch.Tensor,
+                    size: int) -> tuple[torch.Tensor, list[str]]:
+    """The instance images followed by their composites on ``background_data``, with each one's prompt."""
+    where = f"background_data={cfg.background_data}"
+    if not Path(cfg.background_data).exists():
+        raise DataError("background folder not found", where=where, fix="pass a folder of scene images")
+    backgrounds = _load_images(cfg.background_data, None, size, "background_data")
+    scene_words = (_load_captions(cfg.background_data, None, cfg.background_caption_column, "background_data")
+                   if cfg.background_caption_column else None)
+    composites, picks = composite_on_backgrounds(instance, masks, backgrounds, cfg.backgrounds_per_image, cfg.seed)
+    prompts = [f"{cfg.instance_prompt} {scene_words[i]}" if scene_words else cfg.instance_prompt
+               for i in picks.tolist()]
+    return torch.cat([instance, composites]), captions + prompts
 
 
 def latent_masks(masks: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -279,6 +325,9 @@ def train_lora(cfg: LoraTrainConfig) -> LoraTrainResult:
         if empty:
             raise DataError(f"mask {empty[0]} is empty (all black)", where=f"instance_mask_data={cfg.instance_mask_data}",
                             fix="white marks the concept: every instance image needs some of it")
+    if cfg.background_data:
+        instance, captions = _add_composites(cfg, instance, captions, masks, size)
+        masks = None  # the composites' scenes vary, so nothing is left out of the loss
     if cfg.random_flip:
         instance = torch.cat([instance, instance.flip(-1)])
         captions = captions + captions
