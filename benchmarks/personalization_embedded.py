@@ -71,12 +71,14 @@ def real_context_clip_t(world: Path, name: str, contexts: list[str]) -> dict:
     from genaug.evaluate.metrics import clip_image_features, clip_text_features
     from genaug.models.embedded import resolve_model
     from genaug.pretrain.clip import load_dual_encoder
+    from genaug.world.render import BACKGROUND_PHRASES
 
+    kind_of = {phrase: kind for kind, phrases in BACKGROUND_PHRASES.items() for phrase in phrases}
     test = read_dataset(world / "bench", "test")
     clip_model, tokenizer = load_dual_encoder(resolve_model("embedded:clip"))
     scores = {}
     for context in contexts:
-        kind = {"on grass": "grass", "in the sky": "sky"}[context.split("{}")[-1].strip()]
+        kind = kind_of[context.split("{}")[-1].strip()]  # the scene the context's words name
         rows = [i for i, r in enumerate(test.records) if r["class_name"] == name and r["background"] == kind]
         images = torch.from_numpy(np.stack([np.asarray(test.image(i)) for i in rows])).permute(0, 3, 1, 2)
         text = clip_text_features(clip_model, tokenizer, [context.format(name)])
