@@ -60,22 +60,18 @@ def identified_caption(caption: str, name: str) -> str:
     return " ".join(words)
 
 
-def real_context_clip_t(world: Path, name: str, contexts: list[str]) -> dict:
-    """CLIP-T of the test split's real images of ``name`` on each context's background, against that context's
-    prompt: what a perfect adapter would score under the same judge (the dual encoder never saw the novel concepts,
-    so this can fall below the base model's wrong samples)."""
+def real_context_clip_t(test, judge, name: str, contexts: list[str]) -> dict:
+    """CLIP-T of the ``test`` split's real images of ``name`` on each context's background, against that context's
+    prompt, read by ``judge`` (the evaluation's ``(CLIPModel, tokenizer)``): what a perfect adapter would score (the
+    dual encoder never saw the novel concepts, so this can fall below the base model's wrong samples)."""
     import numpy as np
     import torch
 
-    from genaug.artefacts import read_dataset
     from genaug.evaluate.metrics import clip_image_features, clip_text_features
-    from genaug.models.embedded import resolve_model
-    from genaug.pretrain.clip import load_dual_encoder
     from genaug.world.render import BACKGROUND_PHRASES
 
     kind_of = {phrase: kind for kind, phrases in BACKGROUND_PHRASES.items() for phrase in phrases}
-    test = read_dataset(world / "bench", "test")
-    clip_model, tokenizer = load_dual_encoder(resolve_model("embedded:clip"))
+    clip_model, tokenizer = judge
     scores = {}
     for context in contexts:
         kind = kind_of[context.split("{}")[-1].strip()]  # the scene the context's words name
@@ -168,12 +164,16 @@ def main() -> None:
     from genaug.personalize.lora import LoraTrainConfig, train_lora
     from genaug.personalize.multiconcept import MultiConceptConfig, train_multiconcept
     from genaug.personalize.textual_inversion import TextualInversionConfig, train_textual_inversion
+    from genaug.models.embedded import resolve_model
+    from genaug.pretrain.clip import load_dual_encoder
     from genaug.world import world_object_masks, write_masks
 
     world, out = Path(args.world), Path(args.out)
     info = json.loads((world / "world.json").read_text())
     novel = [c["name"] for c in info["benchmark"]["classes"] if c.get("novel_concept")]
     bench = read_dataset(world / "bench", "train")
+    test = read_dataset(world / "bench", "test")
+    judge = load_dual_encoder(resolve_model("embedded:clip"))  # eval-personalization's default CLIP-T judge
     methods = set(args.methods.split(","))
     # A second invocation into the same --out (other --classes) adds to the results instead of replacing them.
     results: dict = {"lora": {}, "ti": {}, "disendiff": {}}
@@ -268,7 +268,7 @@ def main() -> None:
                 trained.append(("pivotal" + (f"+delay{start:g}" if start else ""), folder, f"<{slug}>", seconds,
                                 1.0, start))
         contexts = ["a photo of a {} on grass", "a photo of a {} in the sky"]
-        results.setdefault("real", {})[name] = real_context_clip_t(world, name, contexts)
+        results.setdefault("real", {})[name] = real_context_clip_t(test, judge, name, contexts)
         for kind, adapter, words, seconds, scale, start in trained:
             prompts = [f"a photo of a {words}"] + [c.format(words) for c in contexts]
             report = evaluate_personalization(EvalPersonalizationConfig(
