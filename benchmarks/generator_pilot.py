@@ -7,6 +7,9 @@ towers, so the shipped generator is the control. One change at a time:
 - ``--separate-text STEPS``: first train the text tower alone to name each caption's shape and pattern
   (``embedded_diagnostics.text_attribute_pretraining``), then freeze it: does a UNet that gets the
   shape and pattern words apart from its first step learn to draw them?
+- ``--text-tower FOLDER``: condition on another dual encoder's text tower and tokenizer (a `<family>/clip/`
+  folder, e.g. the one `conv_tower_pilot.py` trains beside a convolutional image tower): does a UNet
+  whose prompts come from a tower that was trained against images it could read shape in draw shape?
 - ``--generator JSON``: ``GeneratorConfig`` overrides, e.g. ``'{"snr_gamma": 5}'`` (Min-SNR weighting) or
   ``'{"prediction_type": "v_prediction", "zero_terminal_snr": true}'``. With ``latent_normalization: channel``
   (the default) the autoencoder's latent channels are centred and scaled first (``normalize_latent_channels``;
@@ -14,6 +17,7 @@ towers, so the shipped generator is the control. One change at a time:
 
     python benchmarks/generator_pilot.py --separate-text 300 --out runs/pilot-separated
     python benchmarks/generator_pilot.py --generator '{"snr_gamma": 5}' --out runs/pilot-minsnr
+    python benchmarks/generator_pilot.py --text-tower runs/pilot-conv-tower/clip --out runs/pilot-conv-text
 
 Prints the text tower's word cosines and the oracle's class / shape / pattern accuracy on 8 samples per
 drawable class at guidance 1, 4 and 8 (``embedded_diagnostics.sample_check``), and saves the pipeline.
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=4000, help="the shipped config's 4,000")
     parser.add_argument("--warmup-steps", type=int, default=300, help="the shipped config's 300")
     parser.add_argument("--separate-text", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--text-tower", default=None, metavar="FOLDER",
+                        help="a dual-encoder folder whose text tower and tokenizer replace the shipped ones")
     parser.add_argument("--generator", default="{}", help="GeneratorConfig overrides as JSON")
     parser.add_argument("--holdout", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
@@ -55,6 +61,13 @@ def main() -> None:
     overrides = json.loads(args.generator)
     report: dict = {"separate_text_steps": args.separate_text, "generator": overrides}
     t0 = time.time()
+    if args.text_tower:
+        # Its image tower may not be a stock CLIP one (conv_tower_pilot.py's): take the text side only.
+        from genaug.pretrain.clip import export_encoders, load_dual_encoder
+
+        dual_encoder, pipe.tokenizer = load_dual_encoder(args.text_tower)
+        pipe.text_encoder = export_encoders(dual_encoder)[0]
+        report["text_tower"] = args.text_tower
     if args.separate_text:
         records = read_dataset(world / "pool", "train").records
         ids = diag.token_ids(pipe.tokenizer, pool.captions)

@@ -9,6 +9,14 @@ twice: with its residual blocks' last BatchNorm started at zero (``zero_init_las
 until 2026-12-01) and at one (the default since).
 
     python benchmarks/shape_probe.py --world worlds/default --steps 800 --patches 8,4 --cnn
+    python benchmarks/shape_probe.py --steps 4000 --patches 8                  # the ViT, longer
+    python benchmarks/shape_probe.py --steps 4000 --patches '' --cnn --cnn-inits one
+    python benchmarks/shape_probe.py --steps 2000 --patches 8 --vit-init structured
+
+``--vit-init structured`` starts the ViT as a convolution-like attention model without leaving the stock
+``CLIPVisionModel``: mimetic attention weights (Trockman & Kolter 2023: each head's W_q^T W_k near
+0.7 Z + 0.7 I, W_o W_v near 0.4 Z - 0.4 I) and MAE's 2D sin-cos table as the patches' first positions (then
+learned), so that a token starts out attending to itself and the tokens near it.
 """
 
 from __future__ import annotations
@@ -21,6 +29,41 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """MAE's 2D sin-cos position table, (grid * grid, dim), row-major like CLIP's patch order."""
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1.0 / (10000 ** (torch.arange(dim // 4) / max(1, dim // 4 - 1)))
+    y, x = y.flatten()[:, None] * omega[None], x.flatten()[:, None] * omega[None]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+def _mimetic_factors(dim: int, rank: int, alpha: float, beta: float, sign: int, g: torch.Generator):
+    """Rank-``rank`` factors L (dim x rank), R (rank x dim) with L @ R ~ alpha Z + sign beta I, Z ~ N(0, 1/dim)."""
+    target = alpha * torch.randn(dim, dim, generator=g) / math.sqrt(dim) + sign * beta * torch.eye(dim)
+    u, s, vh = torch.linalg.svd(target)
+    return u[:, :rank] * s[:rank].sqrt(), s[:rank].sqrt()[:, None] * vh[:rank]
+
+
+@torch.no_grad()
+def structured_init(vit, seed: int = 0) -> None:
+    """Mimetic attention weights and 2D sin-cos positions for a stock ``CLIPVisionModel`` (in place)."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = vit.embeddings
+    dim = embeddings.embed_dim
+    embeddings.position_embedding.weight[1:] = sincos_2d(math.isqrt(embeddings.num_patches), dim)
+    embeddings.position_embedding.weight[0] = 0.0
+    for layer in vit.encoder.layers:
+        attention = layer.self_attn
+        width = attention.head_dim
+        for head in range(attention.num_heads):
+            left, right = _mimetic_factors(dim, width, 0.7, 0.7, +1, g)
+            attention.q_proj.weight[head * width:(head + 1) * width] = left.T
+            attention.k_proj.weight[head * width:(head + 1) * width] = right
+        left, right = _mimetic_factors(dim, dim, 0.4, 0.4, -1, g)
+        attention.v_proj.weight.copy_(right)
+        attention.out_proj.weight.copy_(left)
 
 
 def probe(name: str, model: torch.nn.Module, features, dim: int, x: torch.Tensor, y: torch.Tensor, n_train: int,
@@ -60,6 +103,10 @@ def main() -> None:
     parser.add_argument("--patches", default="8,4", help="ViT patch sizes to try")
     parser.add_argument("--cnn", action="store_true", help="also the classifiers' small CNN (with and without "
                                                            "zero_init_last)")
+    parser.add_argument("--cnn-inits", default="zero,one", help="with --cnn: the residual blocks' last BatchNorm "
+                                                                "starts at zero (zero_init_last), at one, or both")
+    parser.add_argument("--vit-init", choices=("default", "structured"), default="default",
+                        help="structured: mimetic attention and 2D sin-cos positions (see above)")
     parser.add_argument("--images", type=int, default=20000, help="training images (2,000 more are held out)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -80,7 +127,10 @@ def main() -> None:
         torch.manual_seed(0)
         vit = CLIPVisionModel(CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                                num_attention_heads=4, image_size=32, patch_size=patch))
-        results += probe(f"vit-patch{patch}", vit, lambda m, b: m(pixel_values=b).pooler_output, 128, x, y,
+        if args.vit_init == "structured":
+            structured_init(vit)
+        suffix = "" if args.vit_init == "default" else f" {args.vit_init} init"
+        results += probe(f"vit-patch{patch}{suffix}", vit, lambda m, b: m(pixel_values=b).pooler_output, 128, x, y,
                          args.images, args.steps, len(shapes))
     if args.cnn:
         import importlib
@@ -89,7 +139,10 @@ def main() -> None:
 
         importlib.import_module("genaug.evaluate.backbones")  # registers genaug_cnn_small with timm
 
-        for zero_init_last in (True, False):
+        inits = [init.strip() for init in args.cnn_inits.split(",") if init.strip()]
+        if not set(inits) <= {"zero", "one"}:
+            parser.error(f"--cnn-inits takes zero and/or one, got {args.cnn_inits!r}")
+        for zero_init_last in [init == "zero" for init in inits]:
             torch.manual_seed(0)
             cnn = timm.create_model("genaug_cnn_small", num_classes=0, zero_init_last=zero_init_last)
             results += probe(f"genaug_cnn_small{' zero_init_last' if zero_init_last else ''}", cnn,
