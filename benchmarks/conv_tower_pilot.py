@@ -10,7 +10,7 @@ the same stock `CLIPTextModel` text tower, pool, tokenizer, held-out images and 
 
 The CNN tower (`genaug_cnn_small`, pooled features and a linear projection) is grafted onto the
 `CLIPModel` that `train_dual_encoder` builds, by replacing its `get_image_features`; the ViT tower
-stays in the model untrained. The result does not load as a stock `CLIPVisionModel` (nor as the
+stays in the model untrained. The result does not load as a stock `CLIPModel` (nor as the
 `image_encoder` of diffusers' unCLIP pipelines), so it is a measurement, not a shippable family.
 `--tower vit` trains the shipped architecture through the same script; `--tower shipped` scores the
 shipped dual encoder (`genaug/embedded/clip`) without training, as the control.
@@ -22,8 +22,9 @@ Prints and writes (`<out>/figures.json`), for the same 1,000 held-out pool image
 recall@1/10; zero-shot top-1 on the bench test split as `genaug pretrain` reports it (drawable classes;
 all classes) and over the pool's shape and pattern names alone; linear probes of the image embeddings
 for shape, pattern, colour and background (`dual_encoder_probe.py`'s, fitted on the first 8,000 pool
-images); the text tower's word cosines (1 = merged). About 35 minutes on 2 CPU cores with the CNN tower
-(0.5 s a step against the ViT's 0.25: the CNN runs in float32, 15x slower under the CPU's bf16).
+images); the text tower's word cosines (1 = merged). About 41 minutes on 2 CPU cores with the CNN tower
+(0.6 s a step against the ViT's 0.25: the CNN runs in float32, 15x slower under the CPU's bf16);
+`--steps` shortens the recipe.
 """
 
 from __future__ import annotations
