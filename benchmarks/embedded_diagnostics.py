@@ -75,7 +75,9 @@ def text_tower_check(pipe) -> dict[str, list[float]]:
     def states(prompt: str):
         ids = token_ids(tokenizer, [prompt])
         with torch.no_grad():
-            return encoder(ids, output_hidden_states=True).hidden_states, ids[0]
+            encoded = encoder(ids, output_hidden_states=True)
+        # A tower with no layers (generator_pilot.py's word vectors) has only its normalized embeddings.
+        return encoded.hidden_states or (encoded.last_hidden_state,), ids[0]
 
     out = {}
     for name, (a, b) in WORD_PAIRS.items():

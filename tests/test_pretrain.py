@@ -111,6 +111,39 @@ def test_unet_eager_attention_computes_what_sdpa_does():
         GeneratorConfig(attention="flash")
 
 
+def test_pooled_text_embedding_conditions_every_block_and_loads_as_a_stock_unet(tmp_path):
+    # With the option, the prompt reaches the time embedding: the output still depends on it when every
+    # cross-attention layer is silenced; without it, it does not. The saved UNet is a stock diffusers one.
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from genaug.pretrain.diffusion import GeneratorConfig, build_unet
+
+    g = torch.Generator().manual_seed(1)
+    x, labels = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 16, generator=g)
+    prompts = torch.randn(2, 5, 16, generator=g)
+    for pooled in (True, False):
+        torch.manual_seed(0)
+        unet = build_unet(GeneratorConfig(unet_channels=[32, 32], pooled_text_embedding=pooled), 8, 16, 8).eval()
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn2.to_out.0"):
+                    module.weight.zero_()
+                    module.bias.zero_()
+            a, b = (unet(x, torch.tensor([500]), encoder_hidden_states=p[None], class_labels=labels).sample
+                    for p in prompts)
+        assert (not torch.allclose(a, b)) == pooled
+    torch.manual_seed(0)
+    unet = build_unet(GeneratorConfig(unet_channels=[32, 32], pooled_text_embedding=True), 8, 16, 8).eval()
+    unet.save_pretrained(tmp_path / "on")
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "on").eval()
+    assert reloaded.config.addition_embed_type == "text"
+    with torch.no_grad():
+        args = (x, torch.tensor([500]))
+        kwargs = dict(encoder_hidden_states=prompts[:1], class_labels=labels)
+        assert torch.equal(unet(*args, **kwargs).sample, reloaded(*args, **kwargs).sample)
+
+
 def test_min_snr_loss_weights_each_item_by_min_snr_gamma_over_snr():
     import torch
     import torch.nn.functional as F

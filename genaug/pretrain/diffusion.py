@@ -50,6 +50,10 @@ class GeneratorConfig:
     vae_kl_weight: float = option(1e-6, "weight of the KL term (small: we want a faithful, smooth latent)")
     unet_channels: list[int] = option(help="UNet block widths", factory=lambda: [32, 64, 64])
     unet_attention_heads: int = option(4, "attention heads in the UNet's transformer blocks")
+    pooled_text_embedding: bool = option(
+        False, "also add the prompt's attention-pooled hidden states to the UNet's time embedding (diffusers' "
+               "addition_embed_type='text', as in Imagen and DeepFloyd IF), so that every ResNet block sees the "
+               "prompt, not only the cross-attention layers; the shipped generator has only cross-attention")
     unet_steps: int = option(12000, "UNet training steps")
     unet_batch_size: int = option(64, "UNet batch size")
     unet_lr: float = option(5e-4, "UNet peak learning rate (warmup, then cosine)")
@@ -230,6 +234,8 @@ def build_unet(cfg: GeneratorConfig, latent_size: int, text_dim: int, image_embe
         layers_per_block=1, down_block_types=down, up_block_types=up, cross_attention_dim=text_dim,
         attention_head_dim=cfg.unet_attention_heads, norm_num_groups=min(32, cfg.unet_channels[0]),
         class_embed_type="projection", projection_class_embeddings_input_dim=2 * image_embed_dim,
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=cfg.unet_attention_heads)
+           if cfg.pooled_text_embedding else {}),
     )
 
 
@@ -293,10 +299,11 @@ class GeneratorTrainResult:
 
 def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_encoder, tokenizer,
                     feature_extractor, work_dir: str | Path, progress: bool = True,
-                    device: str | torch.device = "cpu", vae=None) -> GeneratorTrainResult:
+                    device: str | torch.device = "cpu", vae=None, keep_checkpoints: int = 2) -> GeneratorTrainResult:
     """Train the autoencoder, then the UNet on cached latents/embeddings; assemble the unCLIP pipeline.
 
     A trained ``vae`` is reused instead of training one (``vae_seconds`` then counts only moving it).
+    The newest ``keep_checkpoints`` UNet checkpoints (weights, optimizer, EMA) stay in ``work_dir``.
     Every random draw is made on the CPU from per-step seeded generators, so a run on ``device``
     sees the same batches as one on the CPU; the returned pipeline is on the CPU.
     """
@@ -393,7 +400,7 @@ def train_generator(cfg: GeneratorConfig, pool: ImageSplit, text_encoder, image_
             bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr_at(step):.1e}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
             save_training_state(ckpt_dir, step + 1, params, opt,
-                                extra_tensors={f"ema/{k}": v for k, v in ema_params.items()})
+                                extra_tensors={f"ema/{k}": v for k, v in ema_params.items()}, keep=keep_checkpoints)
     unet_seconds = time.time() - t1
     ema.eval().to("cpu")
     vae.to("cpu")
