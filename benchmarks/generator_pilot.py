@@ -125,16 +125,17 @@ def main() -> None:
     report["text_tower_cosine_by_layer"] = diag.text_tower_check(pipe)
     print(json.dumps(report), flush=True)
 
-    # The shipped autoencoder, not a new one: the UNet is the only thing that changes.
     if args.curve_every:
         overrides["checkpoint_every"] = args.curve_every
+    # The shipped autoencoder, not a new one: the UNet is the only thing that changes.
     cfg = GeneratorConfig(unet_steps=args.unet_steps, warmup_steps=args.warmup_steps, **overrides)
     vae = copy.deepcopy(pipe.vae)
     if cfg.latent_normalization == "channel":  # as train_vae would have left it
         normalize_latent_channels(vae, pool.images[:4096])
     result = train_generator(cfg, pool.subset(range(len(pool) - args.holdout)), pipe.text_encoder,
                              pipe.image_encoder, pipe.tokenizer, pipe.feature_extractor, out / "work",
-                             progress=False, vae=vae, keep_checkpoints=args.unet_steps)
+                             progress=False, vae=vae,
+                             keep_checkpoints=args.unet_steps if args.curve_every else 2)
     report["unet_seconds"] = result.unet_seconds
     generator = result.pipeline
     generator.set_progress_bar_config(disable=True)
