@@ -65,6 +65,50 @@ def graft_conv_tower(model, projection_dim: int, seed: int):
     return model
 
 
+class ConvImageEncoder(torch.nn.Module):
+    """A trained conv tower as the generator's ``image_encoder``: ``(pixel_values) -> .image_embeds``.
+
+    The slice of ``CLIPVisionModelWithProjection``'s interface that ``train_generator`` and genaug's sampler
+    use (``.image_embeds``, ``.device``, ``.dtype``). It is not a transformers model, so a pipeline holding it
+    cannot be saved whole.
+    """
+
+    def __init__(self, tower: torch.nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> types.SimpleNamespace:
+        return types.SimpleNamespace(image_embeds=self.tower(pixel_values.float()))
+
+
+def load_conv_image_encoder(folder: str | Path) -> ConvImageEncoder:
+    """The CNN tower (and its projection) of a dual encoder this pilot trained (``<out>/clip``), in eval mode."""
+    import importlib
+
+    import timm
+    from safetensors.torch import load_file
+
+    importlib.import_module("genaug.evaluate.backbones")  # registers genaug_cnn_small with timm
+    tensors = load_file(Path(folder) / "model.safetensors")
+    prefix = "conv_tower."
+    weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{folder}: no conv_tower.* weights: not a dual encoder trained with --tower cnn")
+    cnn = timm.create_model("genaug_cnn_small", num_classes=0)
+    projection = weights["1.weight"]
+    tower = torch.nn.Sequential(cnn, torch.nn.Linear(projection.shape[1], projection.shape[0], bias=False))
+    tower.load_state_dict(weights, strict=True)
+    return ConvImageEncoder(tower).eval().requires_grad_(False)
+
+
 def score(model, tokenizer, world: Path, pool, n_train: int) -> dict:
     """The pilot's figures for a trained dual encoder (see the module docstring)."""
     from genaug.evaluate.metrics import clip_image_features, clip_text_features, recall_at_k, zero_shot_accuracy

@@ -6,7 +6,8 @@
    token where two prompts differ, layer by layer (input embeddings first). Pairs that differ in
    shape, in pattern, in colour and in background.
 3. Sampling: the oracle's accuracy on text-prompted samples of the drawable classes, at several
-   guidance scales, split into "right shape" and "right pattern" (class names are "<pattern> <shape>").
+   guidance scales, split into "right shape" and "right pattern" (class names are "<pattern> <shape>");
+   and how often samples conditioned on a test image's embedding (empty prompt) keep its class.
 
 With ``--joint-pilot STEPS`` it also continues the UNet for STEPS steps on ``--pilot-images`` pool
 images with the generator's copy of the text tower trained jointly (``--pilot-text-lr``; 0 keeps it
@@ -37,7 +38,7 @@ from genaug.checkpoints import step_generator
 from genaug.generate.sampler import Sampler
 from genaug.models.embedded import EMBEDDED_ROOT
 from genaug.models.loading import load_pipeline
-from genaug.pretrain.data import load_split, to_unit
+from genaug.pretrain.data import clip_normalize, load_split, to_unit
 from genaug.pretrain.diffusion import encode_image_embeds, encode_latents, image_condition, noise_schedulers
 from genaug.pretrain.figures import PROMPT, _generate, _novel_classes
 from genaug.pretrain.oracle import load_oracle
@@ -107,6 +108,31 @@ def sample_check(pipe, oracle, class_names: list[str], drawable: list[str], guid
             "shape": round(sum(s[-1] == m[-1] for s, m in zip(said, meant)) / len(meant), 3),
             "pattern": round(sum(s[0] == m[0] for s, m in zip(said, meant)) / len(meant), 3),
             "shape_chance": round(1 / len(shapes), 3), "pattern_chance": round(1 / len(patterns), 3)}
+
+
+def image_check(pipe, oracle, test, drawable: list[str], guidance: float, per_class: int, seed: int = 0,
+                image_embeddings=None) -> dict[str, float]:
+    """Oracle: how often a sample conditioned on a test image's embedding (empty prompt) keeps its class.
+
+    As ``genaug pretrain`` measures "image-conditioned samples keep the source class" (the first ``per_class``
+    test images of each drawable class, clean embeddings), split into shape and pattern like
+    :func:`sample_check`. Guidance is image guidance: the unconditional branch has a zero image embedding.
+    ``image_embeddings`` (CLIP-normalized pixels -> embeddings) replaces the pipeline's image encoder.
+    """
+    ids = [test.class_names.index(n) for n in drawable]
+    src = torch.cat([torch.nonzero(test.labels == c).flatten()[:per_class] for c in ids])
+    sampler = Sampler(pipe)
+    pixels = clip_normalize(test.images[src])
+    with torch.no_grad():
+        embeds = (image_embeddings or sampler.image_embeddings)(pixels)
+    images = _generate(sampler, [""] * len(src), [seed * 7 + i for i in range(len(src))], steps=25,
+                       guidance=guidance, size=32, image_embeds=embeds)
+    predicted, _ = oracle.predict(images)
+    said = [test.class_names[int(p)].split() for p in predicted]
+    meant = [test.class_names[int(c)].split() for c in test.labels[src]]
+    return {"guidance": guidance, "class": round(sum(s == m for s, m in zip(said, meant)) / len(meant), 3),
+            "shape": round(sum(s[-1] == m[-1] for s, m in zip(said, meant)) / len(meant), 3),
+            "pattern": round(sum(s[0] == m[0] for s, m in zip(said, meant)) / len(meant), 3)}
 
 
 def text_attribute_pretraining(text_encoder, pool_ids: torch.Tensor, records: list[dict], steps: int,
@@ -212,7 +238,9 @@ def main() -> None:
     report = {"vae": vae_check(pipe, oracle, test),
               "text_tower_cosine_by_layer": text_tower_check(pipe),
               "samples": [sample_check(pipe, oracle, test.class_names, drawable, float(g), args.per_class)
-                          for g in args.guidance.split(",")]}
+                          for g in args.guidance.split(",")],
+              "image_conditioned": [image_check(pipe, oracle, test, drawable, float(g), args.per_class)
+                                    for g in args.guidance.split(",")]}
     if args.joint_pilot:
         pool = load_split(Path(args.world) / "pool", "train", limit=args.pilot_images, progress=False)
         if args.pilot_text_attributes:

@@ -12,6 +12,12 @@ until 2026-12-01) and at one (the default since).
     python benchmarks/shape_probe.py --steps 4000 --patches 8                  # the ViT, longer
     python benchmarks/shape_probe.py --steps 4000 --patches '' --cnn --cnn-inits one
     python benchmarks/shape_probe.py --steps 2000 --patches 8 --vit-init structured
+    python benchmarks/shape_probe.py --steps 2000 --patches '' --hf-towers regnet
+
+``--hf-towers`` trains stock transformers CNNs sized like ``genaug_cnn_small`` (widths 48, 96, 192 down to a
+4x4 map; see ``hf_tower``). Unlike the timm CNN they load with transformers alone: candidates for a
+convolutional image tower of the embedded dual encoder that needs no genaug code to load. Of the three,
+only ConvNeXt's pooled output (N, C) fits a ``VisionTextDualEncoderModel``; RegNet's is (N, C, 1, 1).
 
 ``--vit-init structured`` starts the ViT as a convolution-like attention model without leaving the stock
 ``CLIPVisionModel``: mimetic attention weights (Trockman & Kolter 2023: each head's W_q^T W_k near
@@ -66,6 +72,32 @@ def structured_init(vit, seed: int = 0) -> None:
         attention.out_proj.weight.copy_(left)
 
 
+HF_TOWERS = ("regnet", "regnet64", "convnext")
+
+
+def hf_tower(name: str):
+    """A stock transformers CNN with ``genaug_cnn_small``'s widths and feature-map sizes (32 px in, 4x4 out).
+
+    regnet: RegNetX, one X block a stage with ungrouped 3x3 convolutions (a bottleneck ResNet block without
+    reduction); its stem is a 3x3 convolution of stride 2 where genaug_cnn_small's has stride 1, and the first
+    stage keeps the stem's 16x16. regnet64: the same blocks on the image upsampled to 64 px (an image
+    processor's resize), so that the stride-2 stem keeps 32x32 and every stage halves it, as
+    genaug_cnn_small's do. convnext: ConvNeXt with a 1x1 patch stem at full resolution and four stages
+    (24, 48, 96, 192), layer scale off, since blocks that start as identities learned more slowly here (the
+    ``zero_init_last`` entry in benchmarks/RESULTS.md).
+    """
+    from transformers import ConvNextConfig, ConvNextModel, RegNetConfig, RegNetModel
+
+    if name in ("regnet", "regnet64"):
+        return RegNetModel(RegNetConfig(embedding_size=24, hidden_sizes=[48, 96, 192], depths=[1, 1, 1],
+                                        groups_width=192, layer_type="x",
+                                        downsample_in_first_stage=name == "regnet64"))
+    if name == "convnext":
+        return ConvNextModel(ConvNextConfig(patch_size=1, num_stages=4, hidden_sizes=[24, 48, 96, 192],
+                                            depths=[1, 1, 1, 1], layer_scale_init_value=0.0, image_size=32))
+    raise ValueError(f"unknown tower {name!r}: expected one of {', '.join(HF_TOWERS)}")
+
+
 def probe(name: str, model: torch.nn.Module, features, dim: int, x: torch.Tensor, y: torch.Tensor, n_train: int,
           steps: int, classes: int) -> list[dict]:
     from genaug.pretrain.clip import random_crop_flip
@@ -107,6 +139,8 @@ def main() -> None:
                                                                 "starts at zero (zero_init_last), at one, or both")
     parser.add_argument("--vit-init", choices=("default", "structured"), default="default",
                         help="structured: mimetic attention and 2D sin-cos positions (see above)")
+    parser.add_argument("--hf-towers", default="", help=f"stock transformers CNNs to try, comma-separated: "
+                                                         f"{', '.join(HF_TOWERS)} (see hf_tower)")
     parser.add_argument("--images", type=int, default=20000, help="training images (2,000 more are held out)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -147,6 +181,18 @@ def main() -> None:
             cnn = timm.create_model("genaug_cnn_small", num_classes=0, zero_init_last=zero_init_last)
             results += probe(f"genaug_cnn_small{' zero_init_last' if zero_init_last else ''}", cnn,
                              lambda m, b: m(b), cnn.num_features, x, y, args.images, args.steps, len(shapes))
+    for name in [n.strip() for n in args.hf_towers.split(",") if n.strip()]:
+        torch.manual_seed(0)
+        tower = hf_tower(name)
+        width = tower.config.hidden_sizes[-1]
+        scale = 2 if name.endswith("64") else 1
+
+        def features(m, b, scale=scale):
+            if scale != 1:
+                b = F.interpolate(b, scale_factor=scale, mode="bilinear", align_corners=False)
+            return m(pixel_values=b).pooler_output.flatten(1)
+
+        results += probe(f"transformers {name}", tower, features, width, x, y, args.images, args.steps, len(shapes))
     print(json.dumps({"chance": round(1 / len(shapes), 3), "results": results}))
 
 
