@@ -100,37 +100,35 @@ def sample_check(pipe, oracle, class_names: list[str], drawable: list[str], guid
             seeds.append(class_names.index(name) * 1000 + j)
     images = _generate(Sampler(pipe), prompts, seeds, steps=25, guidance=guidance, size=32)
     predicted, _ = oracle.predict(images)
-    said = [class_names[int(p)].split() for p in predicted]
     meant = [class_names[c].split() for c in labels]
-    shapes = {m[-1] for m in meant}
-    patterns = {m[0] for m in meant}
-    return {"guidance": guidance, "class": round(sum(s == m for s, m in zip(said, meant)) / len(meant), 3),
-            "shape": round(sum(s[-1] == m[-1] for s, m in zip(said, meant)) / len(meant), 3),
-            "pattern": round(sum(s[0] == m[0] for s, m in zip(said, meant)) / len(meant), 3),
-            "shape_chance": round(1 / len(shapes), 3), "pattern_chance": round(1 / len(patterns), 3)}
+    return {"guidance": guidance, **word_scores(class_names, predicted, labels),
+            "shape_chance": round(1 / len({m[-1] for m in meant}), 3),
+            "pattern_chance": round(1 / len({m[0] for m in meant}), 3)}
 
 
-def image_check(pipe, oracle, test, drawable: list[str], guidance: float, per_class: int, seed: int = 0,
-                image_embeddings=None) -> dict[str, float]:
+def image_check(pipe, oracle, test, drawable: list[str], guidance: float, per_class: int,
+                seed: int = 0) -> dict[str, float]:
     """Oracle: how often a sample conditioned on a test image's embedding (empty prompt) keeps its class.
 
     As ``genaug pretrain`` measures "image-conditioned samples keep the source class" (the first ``per_class``
     test images of each drawable class, clean embeddings), split into shape and pattern like
     :func:`sample_check`. Guidance is image guidance: the unconditional branch has a zero image embedding.
-    ``image_embeddings`` (CLIP-normalized pixels -> embeddings) replaces the pipeline's image encoder.
     """
     ids = [test.class_names.index(n) for n in drawable]
     src = torch.cat([torch.nonzero(test.labels == c).flatten()[:per_class] for c in ids])
     sampler = Sampler(pipe)
-    pixels = clip_normalize(test.images[src])
-    with torch.no_grad():
-        embeds = (image_embeddings or sampler.image_embeddings)(pixels)
+    embeds = sampler.image_embeddings(clip_normalize(test.images[src]))
     images = _generate(sampler, [""] * len(src), [seed * 7 + i for i in range(len(src))], steps=25,
                        guidance=guidance, size=32, image_embeds=embeds)
     predicted, _ = oracle.predict(images)
-    said = [test.class_names[int(p)].split() for p in predicted]
-    meant = [test.class_names[int(c)].split() for c in test.labels[src]]
-    return {"guidance": guidance, "class": round(sum(s == m for s, m in zip(said, meant)) / len(meant), 3),
+    return {"guidance": guidance, **word_scores(test.class_names, predicted, test.labels[src].tolist())}
+
+
+def word_scores(class_names: list[str], predicted, labels: list[int]) -> dict[str, float]:
+    """Share of predictions naming the whole "<pattern> <shape>" class, its shape word, its pattern word."""
+    said = [class_names[int(p)].split() for p in predicted]
+    meant = [class_names[int(c)].split() for c in labels]
+    return {"class": round(sum(s == m for s, m in zip(said, meant)) / len(meant), 3),
             "shape": round(sum(s[-1] == m[-1] for s, m in zip(said, meant)) / len(meant), 3),
             "pattern": round(sum(s[0] == m[0] for s, m in zip(said, meant)) / len(meant), 3)}
 
