@@ -41,18 +41,22 @@ from dual_encoder_probe import ATTRIBUTES, linear_probe, word_cosines  # benchma
 from genaug.config import config_from_dict, read_config_file
 
 
-def graft_conv_tower(model, projection_dim: int, seed: int):
-    """Give a ``CLIPModel`` the classifiers' small CNN as its image tower (in place; returns the model)."""
+def build_conv_tower(projection_dim: int) -> torch.nn.Sequential:
+    """The classifiers' small CNN (pooled features) and a bias-free linear projection, freshly initialized."""
     import importlib
 
     import timm
 
     importlib.import_module("genaug.evaluate.backbones")  # registers genaug_cnn_small with timm
+    cnn = timm.create_model("genaug_cnn_small", num_classes=0)
+    return torch.nn.Sequential(cnn, torch.nn.Linear(cnn.num_features, projection_dim, bias=False))
 
+
+def graft_conv_tower(model, projection_dim: int, seed: int):
+    """Give a ``CLIPModel`` the classifiers' small CNN as its image tower (in place; returns the model)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 2)
-        cnn = timm.create_model("genaug_cnn_small", num_classes=0)
-        model.conv_tower = torch.nn.Sequential(cnn, torch.nn.Linear(cnn.num_features, projection_dim, bias=False))
+        model.conv_tower = build_conv_tower(projection_dim)
     model.vision_model.requires_grad_(False)
     model.visual_projection.requires_grad_(False)
 
@@ -91,20 +95,14 @@ class ConvImageEncoder(torch.nn.Module):
 
 def load_conv_image_encoder(folder: str | Path) -> ConvImageEncoder:
     """The CNN tower (and its projection) of a dual encoder this pilot trained (``<out>/clip``), in eval mode."""
-    import importlib
-
-    import timm
     from safetensors.torch import load_file
 
-    importlib.import_module("genaug.evaluate.backbones")  # registers genaug_cnn_small with timm
     tensors = load_file(Path(folder) / "model.safetensors")
     prefix = "conv_tower."
     weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{folder}: no conv_tower.* weights: not a dual encoder trained with --tower cnn")
-    cnn = timm.create_model("genaug_cnn_small", num_classes=0)
-    projection = weights["1.weight"]
-    tower = torch.nn.Sequential(cnn, torch.nn.Linear(projection.shape[1], projection.shape[0], bias=False))
+    tower = build_conv_tower(projection_dim=weights["1.weight"].shape[0])
     tower.load_state_dict(weights, strict=True)
     return ConvImageEncoder(tower).eval().requires_grad_(False)
 
