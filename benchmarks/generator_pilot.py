@@ -32,6 +32,8 @@ towers, so the shipped generator is the control. One change at a time:
         --out runs/pilot-words-pooled
     python benchmarks/generator_pilot.py --text-tower runs/pilot-conv-tower/clip \
         --image-tower runs/pilot-conv-tower/clip --out runs/pilot-conv-family
+    python benchmarks/generator_pilot.py --text-tower words --generator '{"unet_channels": [96, 192, 192]}' \
+        --out runs/pilot-words-wide96
 
 ``--curve-every N`` keeps a checkpoint every N steps and scores each one's EMA weights as well (at guidance 4
 and 8): a learning curve of one run (the cosine schedule still spans the whole run, so step 4,000 of a

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from genaug.models.loading import load_pipeline
 from genaug.pretrain.run import PretrainConfig, pretrain
@@ -13,7 +14,8 @@ TINY = dict(
           "projection_dim": 16, "warmup_steps": 1},
     generator={"vae_steps": 2, "vae_batch_size": 8, "unet_steps": 3, "unet_batch_size": 8, "unet_channels": [32, 32],
                "vae_channels": [16, 16], "warmup_steps": 1, "checkpoint_every": 2,
-               "latent_normalization": "channel"},  # the default, as in configs/pretrain_embedded.yaml
+               "latent_normalization": "channel",  # the default, as in configs/pretrain_embedded.yaml
+               "unet_storage_dtype": "float16"},
     oracle={"epochs": 1, "batch_size": 16, "arch": "genaug_cnn_tiny"},
     holdout=20, eval_images_per_class=1, eval_steps=2, progress=False,
 )
@@ -54,6 +56,12 @@ def test_pretrain_tiny_family_end_to_end(tiny_world, tmp_path):
         (out / "generator" / "MODEL_CARD.md").read_text()
     assert pipe.vae.config.scaling_factor == 1.0  # channel-normalized latents need no scaling
     assert "| latents | each channel centred" in (out / "generator" / "MODEL_CARD.md").read_text()
+    # The UNet's file holds float16 weights (half the bytes), and the pipeline loads them as float32.
+    from safetensors import safe_open
+    with safe_open(str(out / "generator" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert pipe.unet.dtype == torch.float32
+    assert "| UNet weights stored as | float16 " in (out / "generator" / "MODEL_CARD.md").read_text()
     # The shipped UNet keeps diffusers' default processors; eager attention was for training only.
     assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
 
@@ -140,6 +148,30 @@ def test_pooled_text_embedding_conditions_every_block_and_loads_as_a_stock_unet(
         args = (x, torch.tensor([500]))
         kwargs = dict(encoder_hidden_states=prompts[:1], class_labels=labels)
         assert torch.equal(unet(*args, **kwargs).sample, reloaded(*args, **kwargs).sample)
+
+
+def test_unet_stored_in_float16_halves_the_file_and_loads_as_float32(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from genaug.pretrain.diffusion import GeneratorConfig, build_unet, store_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(GeneratorConfig(unet_channels=[32, 32]), 8, 16, 8).eval()
+    for dtype in ("float32", "float16"):
+        store_unet(unet, tmp_path / dtype, dtype)
+    assert unet.dtype == torch.float32  # storing a copy leaves the model as it was
+    size = {d: (tmp_path / d / "diffusion_pytorch_model.safetensors").stat().st_size for d in ("float32", "float16")}
+    assert 0.45 < size["float16"] / size["float32"] < 0.55
+    reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "float16").eval()
+    assert reloaded.dtype == torch.float32
+    g = torch.Generator().manual_seed(1)
+    x, labels, prompt = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 16, generator=g), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        a, b = (m(x, torch.tensor([500]), encoder_hidden_states=prompt, class_labels=labels).sample
+                for m in (unet, reloaded))
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=1e-2)  # float16 rounding, nothing more
+    with pytest.raises(ValueError, match="unet_storage_dtype"):
+        GeneratorConfig(unet_storage_dtype="bfloat16")
 
 
 def test_min_snr_loss_weights_each_item_by_min_snr_gamma_over_snr():

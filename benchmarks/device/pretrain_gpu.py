@@ -5,7 +5,8 @@ Issue 3's quality figures (zero-shot, recall@10, the generator's oracle accuracy
 device call on the same recipe with more steps: it generates the world, times a few steps of each
 model on the GPU, scales `configs/pretrain_embedded.yaml`'s batches (``--batch-scale``, 4x by default: a step of
 models this small costs about the same at 4x the rows on a GPU) and then its step counts to fit the
-deadline (learning rates and everything else unchanged), runs `genaug pretrain --device cuda`
+deadline (learning rates and everything else unchanged; ``--recipe-set`` changes the models first, e.g. a
+wider UNet, as ``pretrain_gpu.sh`` does), runs `genaug pretrain --device cuda`
 with the shipped oracle as the judge (so figures compare with the shipped family's), and leaves
 the family, its figures and the resolved config under --out. Nothing is downloaded: packages the
 GPU image lacks travel as wheels (``benchmarks/device/fetch_wheels.sh``, run here first).
@@ -97,6 +98,25 @@ def _model_configs(base: dict):
     return resolved.clip_config(), resolved.generator_config()
 
 
+def with_recipe_changes(base: dict, changes: list[str]) -> dict:
+    """The recipe with ``SECTION.KEY=YAML`` changes applied (``generator.unet_channels=[64, 128, 128]``)."""
+    recipe = {name: dict(value) if isinstance(value, dict) else value for name, value in base.items()}
+    for change in changes:
+        path, sep, value = change.partition("=")
+        section, dot, key = path.partition(".")
+        if not sep or not dot or not key or not isinstance(recipe.get(section, {}), dict):
+            raise SystemExit(f"error: --recipe-set {change!r}: expected SECTION.KEY=YAML with SECTION one of the "
+                             f"recipe's sections ({', '.join(k for k, v in recipe.items() if isinstance(v, dict))})")
+        recipe.setdefault(section, {})[key] = yaml.safe_load(value)
+    from genaug.errors import ConfigError
+
+    try:  # a misspelt key or a bad value fails here, before the GPU is spent on calibration
+        _model_configs(recipe)
+    except ConfigError as err:
+        raise SystemExit(f"error: --recipe-set: {err}") from None
+    return recipe
+
+
 def with_batch_scale(base: dict, scale: int) -> dict:
     """The recipe with every batch ``scale`` times larger, learning rates unchanged.
 
@@ -137,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=Path, default=None, help="an existing world (default: generate one)")
     parser.add_argument("--batch-scale", type=int, default=4,
                         help="multiply the recipe's batch sizes (dual encoder, autoencoder, UNet) by this")
+    parser.add_argument("--recipe-set", action="append", default=[], metavar="SECTION.KEY=YAML",
+                        help="change the recipe before calibration, e.g. 'generator.unet_channels=[64, 128, 128]' "
+                             "(the steps are then sized for the changed models)")
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=YAML",
                         help="extra pretrain setting, e.g. eval_images_per_class=2 (dry runs)")
     parser.add_argument("--device", default="cuda")
@@ -163,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.world is None:
         subprocess.run(genaug + ["world", "--output", str(world)], check=True)
     print(f"[pretrain_gpu] world done at {elapsed():.0f} s", flush=True)
-    base = with_batch_scale(yaml.safe_load(args.config.read_text()), args.batch_scale)
+    base = with_batch_scale(with_recipe_changes(yaml.safe_load(args.config.read_text()), args.recipe_set),
+                            args.batch_scale)
     per_step = calibrate(world, base, device, args.work / "calibration")
     print(f"[pretrain_gpu] seconds per step {json.dumps(per_step)}; calibrated at {elapsed():.0f} s", flush=True)
     train_seconds = max(0.0, args.deadline_s - elapsed() - args.reserve_s)

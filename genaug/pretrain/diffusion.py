@@ -36,6 +36,7 @@ from .data import ImageSplit, clip_normalize, to_unit
 
 LATENT_NORMALIZATIONS = ("global", "channel")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+UNET_STORAGE_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -81,6 +82,10 @@ class GeneratorConfig:
                                      "sdpa (AttnProcessor2_0), or auto (eager on the CPU, where PyTorch's SDPA "
                                      "backward is slow and slower still under bf16; sdpa elsewhere); the saved "
                                      "UNet loads with diffusers' default")
+    unet_storage_dtype: str = option(
+        "float32", "dtype the UNet's weights are stored in: float32, or float16 for half the bytes on disk (diffusers "
+                   "loads them as float32 unless asked otherwise); a UNet wider than the shipped one fits issue 3's "
+                   "40 MB only in float16")
     seed: int = option(0, "seed of every random draw")
 
     def __post_init__(self) -> None:
@@ -104,6 +109,9 @@ class GeneratorConfig:
                              f"got {self.prediction_type!r}")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
+        if self.unet_storage_dtype not in UNET_STORAGE_DTYPES:
+            raise ValueError(f"unet_storage_dtype must be one of {', '.join(UNET_STORAGE_DTYPES)}, "
+                             f"got {self.unet_storage_dtype!r}")
 
 
 # ---------------------------------------------------------------------------- autoencoder
@@ -237,6 +245,15 @@ def build_unet(cfg: GeneratorConfig, latent_size: int, text_dim: int, image_embe
         **(dict(addition_embed_type="text", addition_embed_type_num_heads=cfg.unet_attention_heads)
            if cfg.pooled_text_embedding else {}),
     )
+
+
+def store_unet(unet, folder: Path, dtype: str) -> None:
+    """Write ``unet`` to ``folder`` as diffusers does, its weights in ``dtype`` (the model itself is not changed)."""
+    if dtype not in UNET_STORAGE_DTYPES:
+        raise ValueError(f"unet storage dtype must be one of {', '.join(UNET_STORAGE_DTYPES)}, got {dtype!r}")
+    # .half(), not diffusers' .to(dtype), which warns on every cast of a model without float32-only modules.
+    stored = unet if dtype == "float32" else copy.deepcopy(unet).half()
+    stored.save_pretrained(folder, safe_serialization=True)
 
 
 def noise_schedulers(cfg: GeneratorConfig | None = None):

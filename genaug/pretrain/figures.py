@@ -207,6 +207,7 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
     oracle_precision = _recorded_string(out / "oracle" / "config.json", "precision")
     generator_precision = _recorded_string(out / "generator" / "genaug_generator.json", "precision")
     normalization = _recorded_string(out / "generator" / "genaug_generator.json", "config", "latent_normalization")
+    unet_storage = _recorded_string(out / "generator" / "genaug_generator.json", "config", "unet_storage_dtype")
     latent_space = ("each channel centred, unit variance (in the VAE's quant convolutions); scaling_factor 1"
                     if normalization == "channel" else "SD's single scaling_factor")
     secs = figures.get("training_seconds", {})
@@ -246,7 +247,8 @@ def write_model_cards(cfg, out: Path, figures: dict[str, Any]) -> None:
             f"| guidance, steps | {g.get('guidance_scale')}, {g.get('steps')} |\n"
             f"| training seconds (VAE, UNet) | {secs.get('generator_vae')}, {secs.get('generator_unet')} |\n"
             f"| training precision | {generator_precision} |\n"
-            f"| latents | {latent_space} |\n\n"
+            f"| latents | {latent_space} |\n"
+            f"| UNet weights stored as | {unet_storage or 'float32'} (loaded as the pipeline's dtype) |\n\n"
             "Per-class samples: `../samples/`.\n"),
         out / "oracle" / "MODEL_CARD.md": (
             "# genaug embedded oracle classifier\n\n" + common +

@@ -161,7 +161,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     gen_dir = out / "generator"
     if "generator" in cfg.stages and not (gen_dir / "model_index.json").is_file():
         from .clip import build_image_processor, export_encoders
-        from .diffusion import train_generator
+        from .diffusion import store_unet, train_generator
 
         t0 = time.time()
         data = get_pool()
@@ -174,6 +174,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         if staging.exists():
             shutil.rmtree(staging)
         result.pipeline.save_pretrained(staging, safe_serialization=True)
+        if gen_cfg.unet_storage_dtype != "float32":
+            store_unet(result.pipeline.unet, staging / "unet", gen_cfg.unet_storage_dtype)
         atomic_write_json(staging / "genaug_generator.json", {
             "format": "genaug-generator", "config": config_to_dict(gen_cfg), "vae_psnr": result.vae_psnr,
             "unet_parameters": result.unet_parameters, "vae_parameters": result.vae_parameters,
