@@ -100,6 +100,8 @@ def _model_configs(base: dict):
 
 def with_recipe_changes(base: dict, changes: list[str]) -> dict:
     """The recipe with ``SECTION.KEY=YAML`` changes applied (``generator.unet_channels=[64, 128, 128]``)."""
+    from genaug.errors import ConfigError
+
     recipe = {name: dict(value) if isinstance(value, dict) else value for name, value in base.items()}
     for change in changes:
         path, sep, value = change.partition("=")
@@ -108,8 +110,6 @@ def with_recipe_changes(base: dict, changes: list[str]) -> dict:
             raise SystemExit(f"error: --recipe-set {change!r}: expected SECTION.KEY=YAML with SECTION one of the "
                              f"recipe's sections ({', '.join(k for k, v in recipe.items() if isinstance(v, dict))})")
         recipe.setdefault(section, {})[key] = yaml.safe_load(value)
-    from genaug.errors import ConfigError
-
     try:  # a misspelt key or a bad value fails here, before the GPU is spent on calibration
         _model_configs(recipe)
     except ConfigError as err:
