@@ -5,8 +5,8 @@ Issue 3's quality figures (zero-shot, recall@10, the generator's oracle accuracy
 device call on the same recipe with more steps: it generates the world, times a few steps of each
 model on the GPU, scales `configs/pretrain_embedded.yaml`'s batches (``--batch-scale``, 4x by default: a step of
 models this small costs about the same at 4x the rows on a GPU) and then its step counts to fit the
-deadline (learning rates and everything else unchanged; ``--recipe-set`` changes the models first, e.g. a
-wider UNet, as ``pretrain_gpu.sh`` does), runs `genaug pretrain --device cuda`
+deadline (learning rates and everything else unchanged; ``--set`` changes the recipe first, e.g. a wider
+UNet, as ``pretrain_gpu.sh`` does), runs `genaug pretrain --device cuda`
 with the shipped oracle as the judge (so figures compare with the shipped family's), and leaves
 the family, its figures and the resolved config under --out. Nothing is downloaded: packages the
 GPU image lacks travel as wheels (``benchmarks/device/fetch_wheels.sh``, run here first).
@@ -15,7 +15,7 @@ GPU image lacks travel as wheels (``benchmarks/device/fetch_wheels.sh``, run her
     bash benchmarks/device/fetch_wheels.sh
     python benchmarks/device/pretrain_gpu.py --device cpu --world worlds/default --batch-scale 1 \\
         --deadline-s 1200 --reserve-s 1100 --out /tmp/gpu-dry \\
-        --pretrain-set eval_images_per_class=2 --pretrain-set eval_steps=5  # dry run (~13 min), not a result
+        --set eval_images_per_class=2 --set eval_steps=5  # dry run (~13 min), not a result
     # one device call: carry [".whl"], timeout_s 600
     bash benchmarks/device/pretrain_gpu.sh
     # back here: unpack and compare with the shipped family
@@ -99,21 +99,23 @@ def _model_configs(base: dict):
 
 
 def with_recipe_changes(base: dict, changes: list[str]) -> dict:
-    """The recipe with ``SECTION.KEY=YAML`` changes applied (``generator.unet_channels=[64, 128, 128]``)."""
+    """The recipe with ``KEY=YAML`` changes applied: a pretrain setting (``eval_steps=5``) or one of a
+    section's (``generator.unet_channels=[64, 128, 128]``)."""
     from genaug.errors import ConfigError
 
     recipe = {name: dict(value) if isinstance(value, dict) else value for name, value in base.items()}
     for change in changes:
         path, sep, value = change.partition("=")
-        section, dot, key = path.partition(".")
-        if not sep or not dot or not key or not isinstance(recipe.get(section, {}), dict):
-            raise SystemExit(f"error: --recipe-set {change!r}: expected SECTION.KEY=YAML with SECTION one of the "
-                             f"recipe's sections ({', '.join(k for k, v in recipe.items() if isinstance(v, dict))})")
-        recipe.setdefault(section, {})[key] = yaml.safe_load(value)
-    try:  # a misspelt key or a bad value fails here, before the GPU is spent on calibration
+        section, dot, key = path.rpartition(".")
+        if not sep or not key or (dot and not isinstance(recipe.get(section, {}), dict)):
+            sections = ", ".join(k for k, v in recipe.items() if isinstance(v, dict))
+            raise SystemExit(f"error: --set {change!r}: expected KEY=YAML or SECTION.KEY=YAML with SECTION one of "
+                             f"the recipe's sections ({sections})")
+        (recipe.setdefault(section, {}) if dot else recipe)[key] = yaml.safe_load(value)
+    try:  # a misspelt key or a bad value fails here, before the GPU is spent on the world or calibration
         _model_configs(recipe)
     except ConfigError as err:
-        raise SystemExit(f"error: --recipe-set: {err}") from None
+        raise SystemExit(f"error: --set: {err}") from None
     return recipe
 
 
@@ -157,11 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=Path, default=None, help="an existing world (default: generate one)")
     parser.add_argument("--batch-scale", type=int, default=4,
                         help="multiply the recipe's batch sizes (dual encoder, autoencoder, UNet) by this")
-    parser.add_argument("--recipe-set", action="append", default=[], metavar="SECTION.KEY=YAML",
+    parser.add_argument("--set", dest="changes", action="append", default=[], metavar="[SECTION.]KEY=YAML",
                         help="change the recipe before calibration, e.g. 'generator.unet_channels=[64, 128, 128]' "
-                             "(the steps are then sized for the changed models)")
-    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=YAML",
-                        help="extra pretrain setting, e.g. eval_images_per_class=2 (dry runs)")
+                             "or eval_steps=5 (dry runs); the step counts are then sized for the changed models")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--deadline-s", type=float, default=520.0,
                         help="seconds from start by which everything, packing included, must be done")
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
+    recipe = with_recipe_changes(yaml.safe_load(args.config.read_text()), args.changes)
     genaug = [sys.executable, "-m", "genaug.cli"]
     world = args.world or args.work / "world"
 
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.world is None:
         subprocess.run(genaug + ["world", "--output", str(world)], check=True)
     print(f"[pretrain_gpu] world done at {elapsed():.0f} s", flush=True)
-    base = with_batch_scale(with_recipe_changes(yaml.safe_load(args.config.read_text()), args.recipe_set),
-                            args.batch_scale)
+    base = with_batch_scale(recipe, args.batch_scale)
     per_step = calibrate(world, base, device, args.work / "calibration")
     print(f"[pretrain_gpu] seconds per step {json.dumps(per_step)}; calibrated at {elapsed():.0f} s", flush=True)
     train_seconds = max(0.0, args.deadline_s - elapsed() - args.reserve_s)
@@ -195,9 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     if min(step_ratio.values()) < 1:
         print(f"[pretrain_gpu] warning: fewer steps than the CPU recipe {step_ratio}", flush=True)
     config.update(world=str(world), output=str(args.work / "family"), device=args.device, progress=False)
-    for item in args.pretrain_set:
-        key, _, value = item.partition("=")
-        config[key] = yaml.safe_load(value)
     config_path = args.out / "pretrain_gpu.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     calibration = {"batch_scale": args.batch_scale, "seconds_per_step": per_step, "train_seconds": train_seconds,
